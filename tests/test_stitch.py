@@ -1,0 +1,228 @@
+"""Streaming stitcher: pointwise consistency, bit-exactness with MONAI, streaming order and memory."""
+
+from __future__ import annotations
+
+import itertools
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from segrt.engine.stitch import (
+    slab_bounds,
+    sliding_window_full,
+    sliding_window_stream,
+    stitch_peak_bytes,
+    ufunc_scratch_bytes,
+)
+from segrt.engine.tiling import plan_windows, torch_gaussian_profiles
+from segrt.errors import InferenceError, VolumeError
+from segrt.spec import InferenceSpec
+
+# K=3 output channels, each a different affine map of the first input channel (+ a mix of the second)
+AFFINE = np.array([[2.0, 1.0], [-0.5, 3.0], [1.5, -2.0]], dtype=np.float32)
+
+
+def pointwise(x: np.ndarray) -> np.ndarray:
+    """Pointwise multi-channel predictor: out[:, k] = a_k * x[:, 0] + b_k + 0.25 * x[:, -1]."""
+    out = np.empty((x.shape[0], len(AFFINE), *x.shape[2:]), dtype=np.float32)
+    for k, (a, b) in enumerate(AFFINE):
+        out[:, k] = a * x[:, 0] + b + np.float32(0.25) * x[:, -1]
+    return out
+
+
+def _spec(roi, overlap, mode, pad, bs, cval=0.0):
+    return InferenceSpec(roi_size=roi, sw_batch_size=bs, overlap=(overlap,) * 3, blend_mode=mode,
+                         padding_mode=pad, cval=cval)
+
+
+POINTWISE_CASES = [
+    # (shape, roi)  -- odd shapes, one axis smaller than the roi, exact fits
+    ((23, 17, 19), (12, 10, 8)),
+    ((9, 31, 13), (12, 10, 8)),    # axis 0 smaller than roi
+    ((40, 5, 16), (16, 16, 16)),   # axis 1 smaller than roi
+    ((16, 16, 16), (16, 16, 16)),  # exactly one window
+    ((33, 20, 3), (16, 16, 16)),   # two axes small
+]
+
+
+@pytest.mark.parametrize("shape,roi", POINTWISE_CASES)
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.7])
+def test_pointwise_predictor_is_reproduced(shape, roi, overlap):
+    rng = np.random.default_rng(hash((shape, roi)) % 2**32)
+    img = rng.uniform(-2, 2, size=(2, *shape)).astype(np.float32)
+    expected = pointwise(img[None])[0]
+    for (mode, pad), bs in zip(itertools.product(["constant", "gaussian"], ["constant", "replicate"]),
+                               [1, 2, 3, 4]):
+        got = sliding_window_full(img, _spec(roi, overlap, mode, pad, bs, cval=0.3), pointwise, 3)
+        assert got.shape == expected.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, rtol=2e-6, atol=2e-6, err_msg=f"{mode} {pad} bs={bs}")
+
+
+@pytest.mark.parametrize("shape,roi,overlap,bs", [
+    ((37, 21, 15), (12, 10, 8), 0.25, 1),
+    ((50, 13, 11), (12, 10, 8), 0.5, 3),
+    ((20, 8, 30), (12, 10, 8), 0.7, 4),     # axis 1 smaller than roi: padding
+    ((30, 17, 9), (16, 16, 16), 0.25, 2),   # axis 2 smaller than roi
+])
+def test_bit_identical_to_monai(shape, roi, overlap, bs):
+    torch = pytest.importorskip("torch")
+    swi = pytest.importorskip("monai.inferers").sliding_window_inference
+    torch.set_num_threads(1)
+    torch.manual_seed(sum(shape))
+    net = torch.nn.Conv3d(2, 3, 3, padding=1).eval()
+
+    def predict(x):
+        with torch.no_grad():
+            return net(torch.from_numpy(x)).numpy()
+
+    rng = np.random.default_rng(sum(shape))
+    img = rng.standard_normal((2, *shape)).astype(np.float32)
+    profiles = tuple(tuple(p) for p in torch_gaussian_profiles(roi, (0.125,) * 3))
+    for mode, pad in itertools.product(["constant", "gaussian"], ["constant", "replicate"]):
+        cval = 0.5 if pad == "constant" else 0.0  # torch refuses a value with replicate padding
+        spec = InferenceSpec(roi_size=roi, sw_batch_size=bs, overlap=(overlap,) * 3, blend_mode=mode,
+                             padding_mode=pad, cval=cval, importance_profiles=profiles)
+        with torch.no_grad():
+            ref = swi(torch.from_numpy(img)[None], roi, bs, net, overlap=overlap, mode=mode,
+                      padding_mode=pad, cval=cval)[0].numpy()
+        got = sliding_window_full(img, spec, predict, 3)
+        np.testing.assert_array_equal(got, ref, err_msg=f"{mode} {pad}")
+
+
+def test_float16_outputs_weighted_like_monai():
+    """A float16 network output is weighted in place in float16 (MONAI_NOTES §7) before float32 accumulation."""
+    torch = pytest.importorskip("torch")
+    swi = pytest.importorskip("monai.inferers").sliding_window_inference
+    torch.manual_seed(1)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
+
+    def half_net(t):
+        return net(t).half()
+
+    img = np.random.default_rng(1).standard_normal((1, 30, 14, 12)).astype(np.float32)
+    roi = (12, 10, 8)
+    spec = InferenceSpec(roi_size=roi, sw_batch_size=2, overlap=(0.5,) * 3, blend_mode="gaussian",
+                         importance_profiles=tuple(tuple(p) for p in torch_gaussian_profiles(roi, (0.125,) * 3)))
+    with torch.no_grad():
+        ref = swi(torch.from_numpy(img)[None], roi, 2, half_net, overlap=0.5, mode="gaussian")[0].numpy()
+        got = sliding_window_full(img, spec, lambda x: half_net(torch.from_numpy(x)).numpy(), 2)
+    assert ref.dtype == np.float32
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("shape,roi,overlap,bs", [
+    ((61, 12, 9), (12, 10, 8), 0.25, 1),
+    ((61, 12, 9), (12, 10, 8), 0.7, 4),
+    ((7, 12, 9), (12, 10, 8), 0.5, 2),  # axis 0 padded: one slab
+    ((12, 3, 3), (12, 10, 8), 0.0, 3),
+])
+def test_stream_yields_every_row_once_in_order(shape, roi, overlap, bs):
+    img = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
+    spec = _spec(roi, overlap, "gaussian", "replicate", bs)
+    plan = plan_windows(shape, spec)
+    done = []
+    rows = []
+    for x0, slab in sliding_window_stream(img, spec, pointwise, 3, progress=done.append):
+        assert slab.dtype == np.float32 and slab.shape[0] == 3 and slab.shape[2:] == shape[1:]
+        rows.extend(range(x0, x0 + slab.shape[1]))
+        np.testing.assert_allclose(slab, pointwise(img[None])[0, :, x0:x0 + slab.shape[1]], rtol=2e-6, atol=2e-6)
+    assert rows == list(range(shape[0]))
+    assert done == [min(bs, plan.n_windows - b) for b in range(0, plan.n_windows, bs)]
+    assert sum(done) == plan.n_windows
+
+
+def test_slabs_are_emitted_before_the_end():
+    """Streaming: the first slab is available after the first axis-0 row of windows, not at the end."""
+    shape, roi = (80, 12, 9), (12, 10, 8)
+    spec = _spec(roi, 0.25, "constant", "constant", 1)
+    plan = plan_windows(shape, spec)
+    calls = []
+
+    def counting(x):
+        calls.append(len(x))
+        return pointwise(x)
+
+    img = np.zeros((1, *shape), dtype=np.float32)
+    gen = sliding_window_stream(img, spec, counting, 3)
+    x0, slab = next(gen)
+    per_x = len(plan.starts[1]) * len(plan.starts[2])
+    assert x0 == 0 and slab.shape[1] == plan.starts[0][1]
+    assert sum(calls) == per_x < plan.n_windows
+    assert len(slab_bounds(plan)) == len(plan.starts[0])
+
+
+class _NoAllocPredictor:
+    """Pointwise predictor writing into one preallocated buffer, so that it allocates nothing per call."""
+
+    def __init__(self, bs, k, roi):
+        self.buf = np.empty((bs, k, *roi), dtype=np.float32)
+
+    def __call__(self, x):
+        out = self.buf[: len(x)]
+        for k in range(out.shape[1]):
+            np.multiply(x[:, 0], np.float32(k + 1), out=out[:, k])
+            np.add(out[:, k], np.float32(k), out=out[:, k])
+        return out
+
+
+def test_peak_memory_matches_formula_and_is_small():
+    shape, roi, k, bs = (400, 40, 36), (16, 16, 16), 4, 2
+    spec = _spec(roi, 0.5, "gaussian", "constant", bs)
+    img = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
+    predictor = _NoAllocPredictor(bs, k, roi)
+    predicted = stitch_peak_bytes(shape, spec, k, in_channels=1)
+    full_volume = 4 * k * int(np.prod(shape))
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        n_rows = 0
+        for x0, slab in sliding_window_stream(img, spec, predictor, k):
+            assert x0 == n_rows
+            n_rows += slab.shape[1]
+            # check a few voxels: (k+1)*x + k
+            assert np.allclose(slab[:, :, 7, 5], (np.arange(k)[:, None] + 1) * img[0, x0:x0 + slab.shape[1], 7, 5]
+                               + np.arange(k)[:, None], rtol=1e-6, atol=1e-6)
+            del slab
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert n_rows == shape[0]
+    # the formula accounts for every buffer; its ufunc-scratch term is an upper bound, the rest is bookkeeping
+    assert predicted - ufunc_scratch_bytes() - 1024 <= peak <= predicted + 16 * 1024, (peak, predicted)
+    assert peak < full_volume / 8, (peak, full_volume)
+
+
+def test_peak_formula_scales_with_roi_not_height():
+    spec = _spec((16, 16, 16), 0.25, "constant", "constant", 1)
+    short = stitch_peak_bytes((64, 40, 40), spec, 5)
+    tall = stitch_peak_bytes((4000, 40, 40), spec, 5)
+    assert short == tall
+
+
+def test_invalid_inputs_raise():
+    spec = _spec((8, 8, 8), 0.25, "constant", "constant", 2)
+    img = np.zeros((1, 10, 10, 10), dtype=np.float32)
+    with pytest.raises(VolumeError, match="4 dimensions"):
+        sliding_window_full(img[0], spec, pointwise, 3)
+    with pytest.raises(VolumeError, match="floating"):
+        sliding_window_full(img.astype(np.int16), spec, pointwise, 3)
+    with pytest.raises(InferenceError, match=r"expected \(2, 2, 8, 8, 8\)"):
+        sliding_window_full(img, spec, pointwise, 2)
+    with pytest.raises(InferenceError, match="NumPy array"):
+        sliding_window_full(img, spec, lambda x: x.tolist(), 1)
+
+
+def test_runtime_modules_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, segrt.engine.stitch, segrt.engine.tiling, segrt.kernels.stitch_ref; "
+            "bad = [m for m in ('torch', 'monai') if m in sys.modules]; "
+            "sys.exit(f'imported {bad}' if bad else 0)")
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": root})
+    assert res.returncode == 0, res.stderr
