@@ -1,0 +1,225 @@
+"""The runtime: ``Engine.load(artifact) → engine.segment(volume) → Segmentation``.
+
+Data flow (one direction, nothing but the artifact is read)::
+
+    Volume (C,X,Y,Z) float32 + affine
+      → preprocess: orientation, resampling, intensity            (segrt.engine.preprocess)
+      → windows in MONAI's order, batches of sw_batch_size        (segrt.engine.tiling)
+      → backend.infer(batch)                                       (segrt.engine.backends)
+      → streaming stitcher: finished slabs along the first axis    (segrt.engine.stitch)
+      → per slab: softmax, then either argmax (argmax_then_invert) or the streaming
+        probability inverter (invert_then_argmax)                  (segrt.kernels.reference)
+      → nearest inversion of labels, un-orientation → labels on the input grid
+
+The engine never holds a (classes × volume) array: the stitcher holds (classes × slab) and the probability
+inverter a few source rows; the only full-size arrays are the input, the preprocessed image and the labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from segrt.artifact import Artifact
+from segrt.engine import preprocess as pp
+from segrt.engine.backends import select_backend
+from segrt.engine.stitch import sliding_window_stream
+from segrt.engine.tiling import plan_windows
+from segrt.errors import VolumeError
+from segrt.volume import Volume, load_nifti, save_labels
+
+__all__ = ["Engine", "Segmentation", "STAGES"]
+
+log = logging.getLogger("segrt")
+
+STAGES = ("load", "preprocess", "infer", "stitch", "invert", "write")
+
+
+@dataclass
+class Segmentation:
+    """Labels on the input's own grid, with everything needed to write and report them."""
+
+    labels: np.ndarray
+    affine: np.ndarray
+    class_names: dict[int, str]
+    timings: dict[str, float] = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+    source: Volume | None = None
+    probabilities: np.ndarray | None = None  # only with segment(..., return_probabilities=True)
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+    def volumes_ml(self, include_background: bool = False) -> dict[str, float]:
+        """Volume of each label present (and each named class), in millilitres."""
+        counts = np.bincount(self.labels.ravel(), minlength=len(self.class_names) or 1)
+        vv = self.voxel_volume_ml
+        out = {}
+        for label, n in enumerate(counts):
+            if label == 0 and not include_background:
+                continue
+            if n == 0 and label not in self.class_names:
+                continue
+            out[self.class_names.get(label, f"class_{label}")] = float(n) * vv
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the labels as NIfTI on the input grid (atomic: temporary name, then rename)."""
+        t0 = time.perf_counter()
+        save_labels(self.labels, self.affine, path, like=self.source)
+        self.timings["write"] = time.perf_counter() - t0
+        return Path(path)
+
+
+def _softmax_inplace(x: np.ndarray) -> np.ndarray:
+    """Softmax over axis 0 in float32, as monai's Activations(softmax=True) (torch.softmax, dim=0)."""
+    m = x.max(axis=0, keepdims=True)
+    np.subtract(x, m, out=x)
+    np.exp(x, out=x)
+    s = x.sum(axis=0, keepdims=True)
+    np.divide(x, s, out=x)
+    return x
+
+
+class Engine:
+    """A loaded artifact and its backend. Create with :meth:`Engine.load`."""
+
+    def __init__(self, artifact: Artifact, backend, reason: str):
+        self.artifact = artifact
+        self.spec = artifact.spec
+        self.backend = backend
+        self.backend_reason = reason
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "auto", variant: str = "fp32",
+             threads: int | None = None) -> "Engine":
+        t0 = time.perf_counter()
+        artifact = Artifact.load(path)
+        if artifact.random_weights:
+            log.warning("segrt: artifact %s holds RANDOM weights (exported with --random-init): "
+                        "its labels are meaningless", path)
+        backend, reason = select_backend(artifact, device=device, variant=variant, threads=threads)
+        eng = cls(artifact, backend, reason)
+        eng.load_seconds = time.perf_counter() - t0
+        return eng
+
+    def close(self):
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    # ------------------------------------------------------------------------------------------
+    def _as_volume(self, source, affine) -> Volume:
+        if isinstance(source, Volume):
+            vol = source
+        elif isinstance(source, (str, os.PathLike)):
+            vol = load_nifti(source)
+        elif isinstance(source, np.ndarray):
+            vol = Volume.from_array(source, affine=affine)
+        else:
+            raise VolumeError(f"segment() expects a file path, a segrt.Volume or a NumPy array, "
+                              f"got {type(source).__name__}")
+        if vol.num_channels != self.spec.in_channels:
+            raise VolumeError(f"the model takes {self.spec.in_channels} channel(s), the input has "
+                              f"{vol.num_channels} (array shape {vol.array.shape})")
+        if not np.isfinite(vol.array).all():
+            bad = int(np.size(vol.array) - np.isfinite(vol.array).sum())
+            raise VolumeError(f"input holds {bad} NaN/Inf voxel(s); expected finite intensities")
+        return vol
+
+    def segment(self, source, affine=None, *, output: str | os.PathLike | None = None,
+                progress: bool | None = None, return_probabilities: bool = False) -> Segmentation:
+        """Segment a NIfTI path, a :class:`Volume` or an array (with ``affine``).
+
+        ``return_probabilities`` additionally keeps the stitched softmax probabilities on the preprocessed
+        grid (C × volume: for tests and debugging only — it defeats the streaming memory bound).
+        """
+        spec = self.spec
+        timings = {k: 0.0 for k in STAGES}
+        t0 = time.perf_counter()
+        vol = self._as_volume(source, affine)
+        timings["load"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        image, record = pp.preprocess(vol, spec.preprocessing)
+        timings["preprocess"] = time.perf_counter() - t0
+
+        plan = plan_windows(image.shape[1:], spec.inference)
+        infer_time = [0.0]
+
+        def predict(batch):
+            ti = time.perf_counter()
+            out = self.backend.infer(batch)
+            infer_time[0] += time.perf_counter() - ti
+            return out
+
+        bar = None
+        if progress is None:
+            progress = sys.stderr.isatty()
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=plan.n_windows, unit="win", desc="segrt", file=sys.stderr, delay=2.0,
+                       leave=False)
+
+        K = spec.num_classes
+        lab_dtype = np.dtype(spec.label_dtype)
+        res_shape = image.shape[1:]
+        probs_full = np.empty((K, *res_shape), np.float32) if return_probabilities else None
+        inverter = labels_res = None
+        post = spec.postprocessing
+        if post.order == "invert_then_argmax" and post.invert_interp == "bilinear":
+            # Invertd(bilinear) on probabilities, argmax afterwards: streamed slab by slab.
+            # (Nearest inversion of probabilities followed by argmax picks the same source voxel as argmax
+            # followed by nearest inversion of labels, so that case takes the cheaper label path below.)
+            inverter = record.probability_inverter(K, lab_dtype)
+        else:
+            labels_res = np.empty(res_shape, lab_dtype)
+
+        t0 = time.perf_counter()
+        for x0, slab in sliding_window_stream(image, spec.inference, predict, K,
+                                              progress=bar.update if bar else None):
+            rows = slab.shape[1]
+            if spec.postprocessing.softmax:
+                _softmax_inplace(slab)
+            if probs_full is not None:
+                probs_full[:, x0:x0 + rows] = slab
+            if inverter is not None:
+                inverter.push(x0, slab)
+            else:
+                labels_res[x0:x0 + rows] = np.argmax(slab, axis=0)
+        del image
+        if bar is not None:
+            bar.close()
+        loop = time.perf_counter() - t0
+        timings["infer"] = infer_time[0]
+        timings["stitch"] = loop - infer_time[0]
+
+        t0 = time.perf_counter()
+        if inverter is not None:
+            labels = record.unorient(inverter.finish())
+        else:
+            labels = record.invert_labels(labels_res)
+        timings["invert"] = time.perf_counter() - t0
+
+        seg = Segmentation(
+            labels=labels, affine=vol.affine.copy(), class_names=dict(spec.class_names), timings=timings,
+            source=vol, probabilities=probs_full,
+            metadata={"backend": self.backend.name, "backend_reason": self.backend_reason,
+                      "windows": plan.n_windows, "preprocessed_shape": list(res_shape),
+                      "random_weights": self.artifact.random_weights},
+        )
+        if output is not None:
+            seg.save(output)
+        return seg
