@@ -103,7 +103,7 @@ class Engine:
         t0 = time.perf_counter()
         artifact = Artifact.load(path)
         if artifact.random_weights:
-            log.warning("segrt: artifact %s holds RANDOM weights (exported with --random-init): "
+            log.warning("segrt: warning: artifact %s holds RANDOM weights (exported with --random-init): "
                         "its labels are meaningless", path)
         backend, reason = select_backend(artifact, device=device, variant=variant, threads=threads)
         eng = cls(artifact, backend, reason)

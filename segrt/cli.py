@@ -1,0 +1,230 @@
+"""The ``segrt`` command line: one library call per subcommand.
+
+    segrt export SOURCE -o ARTIFACT_DIR [--random-init] [--spec SPEC.json] [--override KEY=VALUE ...]
+    segrt run ARTIFACT_DIR INPUT -o OUTPUT [--device cpu|auto] [--threads N] [--quiet]
+    segrt info ARTIFACT_DIR
+    segrt demo [-o DIR] [--orientation RAS|LPS] [--spacing X,Y,Z] [--seed N]
+
+Errors of segrt (``SegrtError``) print one line ``segrt: error: ...`` and exit with status 2; no traceback,
+and no partial output file is left behind (outputs are written to a temporary name and renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from segrt.errors import SegrtError
+
+EXIT_ERROR = 2
+
+
+def _parse_override(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"override must look like KEY=VALUE (JSON value), got {text!r}")
+    key, _, raw = text.partition("=")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _triple(text: str):
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three numbers like 1.5,1.5,2.0, got {text!r}") from None
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers like 1.5,1.5,2.0, got {text!r}")
+    return tuple(vals)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="segrt", description="Lean inference engine for MONAI 3D segmentation bundles.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what segrt decides (backend, threads, ...)")
+    sub = p.add_subparsers(dest="command")
+
+    e = sub.add_parser("export", help="export a MONAI bundle / TorchScript / ONNX model to an artifact")
+    e.add_argument("source", help="MONAI bundle directory, TorchScript file, or ONNX file (the latter two need --spec)")
+    e.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    e.add_argument("--random-init", action="store_true",
+                   help="export with random weights when the bundle has none (recorded in the manifest)")
+    e.add_argument("--spec", help="JSON spec (schema of the manifest's 'spec') for TorchScript / ONNX sources")
+    e.add_argument("--override", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
+                   help="bundle config override, e.g. displayable_configs#highres=false (repeatable)")
+    e.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+
+    r = sub.add_parser("run", help="segment a NIfTI volume with an artifact")
+    r.add_argument("artifact", help="artifact directory written by 'segrt export'")
+    r.add_argument("input", help="input image (.nii / .nii.gz)")
+    r.add_argument("-o", "--output", required=True, help="output label image (.nii / .nii.gz)")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu"], help="where to run (default: auto)")
+    r.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    i = sub.add_parser("info", help="print an artifact's manifest as a readable table")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true", help="print the raw manifest")
+
+    d = sub.add_parser("demo", help="phantom CT → export the shipped demo bundle → segment → Dice")
+    d.add_argument("-o", "--output", default="segrt-demo", help="directory for the demo files (default: ./segrt-demo)")
+    d.add_argument("--orientation", default="LPS", help="axcodes of the phantom's voxel grid (default: LPS)")
+    d.add_argument("--spacing", type=_triple, default=(0.9, 0.9, 2.5), help="phantom voxel spacing in mm")
+    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def print_timings(timings: dict, out=sys.stdout) -> None:
+    total = sum(timings.values())
+    print("  stage        time", file=out)
+    for k, v in timings.items():
+        print(f"  {k:<10} {_fmt_seconds(v):>8}", file=out)
+    print(f"  {'total':<10} {_fmt_seconds(total):>8}", file=out)
+
+
+def cmd_export(a) -> int:
+    from segrt.export import export
+
+    out = export(a.source, a.output, spec=a.spec, random_init=a.random_init,
+                 overrides=dict(a.override) or None, force=a.force)
+    from segrt.artifact import Artifact
+
+    art = Artifact.load(out)
+    if art.random_weights:
+        print("segrt: warning: the artifact holds RANDOM weights (--random-init); its labels are meaningless",
+              file=sys.stderr)
+    gate = art.manifest.get("gate", {}).get("fp32", {})
+    print(f"wrote artifact {out}")
+    if gate:
+        print(f"  gate fp32: {'passed' if gate.get('passed') else 'FAILED'}  "
+              f"max |Δlogit| {gate.get('max_abs_logit_diff', float('nan')):.2e}  "
+              f"argmax agreement {gate.get('argmax_agreement', float('nan')):.6f}")
+    return 0
+
+
+def cmd_run(a) -> int:
+    from segrt.engine.engine import Engine
+
+    with Engine.load(a.artifact, device=a.device, threads=a.threads) as eng:
+        seg = eng.segment(a.input, output=a.output, progress=None if not a.quiet else False)
+        seg.timings["load"] += getattr(eng, "load_seconds", 0.0)
+    if a.json:
+        print(json.dumps({"output": str(a.output), "timings": seg.timings, "volumes_ml": seg.volumes_ml(),
+                          **seg.metadata}, indent=2))
+    elif not a.quiet:
+        print(f"wrote {a.output}  ({seg.labels.shape[0]}×{seg.labels.shape[1]}×{seg.labels.shape[2]}, "
+              f"{seg.metadata['windows']} windows, backend {seg.metadata['backend']})")
+        print_timings(seg.timings)
+    return 0
+
+
+def cmd_info(a) -> int:
+    from segrt.artifact import Artifact
+
+    art = Artifact.load(a.artifact)
+    if a.json:
+        print(json.dumps(art.manifest, indent=2))
+        return 0
+    print(format_info(art))
+    return 0
+
+
+def format_info(art) -> str:
+    m, s = art.manifest, art.spec
+    pre, inf, post = s.preprocessing, s.inference, s.postprocessing
+    rows = [
+        ("artifact", str(art.root)),
+        ("schema", f"{m['schema']} v{m['schema_version']}"),
+        ("created", m.get("created", "?")),
+        ("source", f"{m.get('source', {}).get('kind', '?')}: {m.get('source', {}).get('path', '?')}"),
+    ]
+    ov = m.get("source", {}).get("overrides")
+    if ov:
+        rows.append(("overrides", json.dumps(ov)))
+    w = m.get("weights", {})
+    rows.append(("weights", "RANDOM (exported with --random-init)" if w.get("random_init")
+                 else f"{w.get('path', '?')} sha256 {str(w.get('sha256', '?'))[:16]}…"))
+    rows.append(("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())))
+    rows.append(("channels", f"{s.in_channels} in → {s.num_classes} classes (labels {s.label_dtype})"))
+    rows.append(("orientation", pre.orientation or "none (voxel order kept)"))
+    rows.append(("spacing", "none" if pre.spacing is None
+                 else f"{' × '.join(f'{v:g}' for v in pre.spacing.pixdim)} mm, {pre.spacing.mode}"))
+    for n, op in enumerate(pre.intensity):
+        args = ", ".join(f"{k}={v}" for k, v in op.params.items() if v is not None)
+        rows.append(("intensity" if n == 0 else "", f"{op.op}({args})"))
+    if not pre.intensity:
+        rows.append(("intensity", "none"))
+    rows.append(("roi / batch", f"{'×'.join(map(str, inf.roi_size))}, sw_batch_size {inf.sw_batch_size}"))
+    rows.append(("overlap", ", ".join(f"{o:g}" for o in inf.overlap)))
+    rows.append(("blending", inf.blend_mode + (f" (sigma_scale {inf.sigma_scale[0]:g})"
+                                               if inf.blend_mode == "gaussian" else "")))
+    rows.append(("padding", inf.padding_mode + (f" (cval {inf.cval:g})" if inf.padding_mode == "constant" else "")))
+    rows.append(("post", f"{'softmax → ' if post.softmax else ''}"
+                 + ("argmax → invert (nearest)" if post.order == "argmax_then_invert"
+                    else f"invert ({post.invert_interp}) → argmax")))
+    for variant, e in m.get("models", {}).items():
+        rows.append((f"model {variant}", f"{e['path']}  {e.get('format', 'onnx')}  sha256 {e['sha256'][:16]}…  "
+                     f"input {e.get('input_shape')}"))
+    for variant, g in m.get("gate", {}).items():
+        rows.append((f"gate {variant}", ("passed" if g.get("passed") else "FAILED") + "  " + ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in g.items() if k not in ("passed", "thresholds"))))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    if s.class_names:
+        lines.append(f"{'classes':<{width}}  {len(s.class_names)} named:")
+        items = [f"{k:>3} {v}" for k, v in sorted(s.class_names.items())]
+        col = max(len(t) for t in items) + 2
+        per = max(1, 100 // col)
+        for j in range(0, len(items), per):
+            lines.append(" " * (width + 2) + "".join(t.ljust(col) for t in items[j:j + per]).rstrip())
+    return "\n".join(lines)
+
+
+def cmd_demo(a) -> int:
+    from segrt.demo import run_demo
+
+    run_demo(a.output, orientation=a.orientation, spacing=a.spacing, seed=a.seed, quiet=a.quiet)
+    return 0
+
+
+COMMANDS = {"export": cmd_export, "run": cmd_run, "info": cmd_info, "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.version:
+        from segrt import __version__
+
+        print(f"segrt {__version__}")
+        return 0
+    if not a.command:
+        parser.print_help()
+        return EXIT_ERROR
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return COMMANDS[a.command](a)
+    except SegrtError as exc:
+        print(f"segrt: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("segrt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

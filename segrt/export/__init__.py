@@ -1,0 +1,349 @@
+"""Export a model source (MONAI bundle, TorchScript file, ONNX file) to a segrt artifact.
+
+This is the only part of segrt that needs torch / monai / onnx (the ``[export]`` extra); they are
+imported lazily, so ``import segrt.export`` is cheap.
+
+    export(source, out_dir, *, spec=None, random_init=False, overrides=None, gate_samples=2) -> Path
+    spec_from_bundle(bundle_dir, overrides=None) -> Spec
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from segrt.artifact import MANIFEST, SCHEMA, SCHEMA_VERSION, sha256_file, write_json_atomic
+from segrt.errors import ExportError, SpecError
+from segrt.export.bundle import gaussian_profiles, load_bundle, spec_from_bundle
+from segrt.spec import Spec
+
+__all__ = ["export", "spec_from_bundle", "MODEL_FP32"]
+
+log = logging.getLogger(__name__)
+
+MODEL_FP32 = "model_fp32.onnx"
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def _read_spec(spec) -> Spec | None:
+    if spec is None or isinstance(spec, Spec):
+        return spec
+    if isinstance(spec, dict):
+        return Spec.from_dict(spec)
+    if isinstance(spec, (str, os.PathLike)):
+        p = Path(spec)
+        if not p.is_file():
+            raise SpecError(f"spec file {str(p)!r} does not exist")
+        try:
+            return Spec.from_dict(json.loads(p.read_text()))
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"spec file {str(p)!r} is not valid JSON: {exc}") from None
+    raise SpecError(f"spec must be a path, a dict or a Spec, got {type(spec).__name__}")
+
+
+def _with_profiles(spec: Spec) -> Spec:
+    """Add torch-computed Gaussian profiles to a gaussian spec that lacks them."""
+    inf = spec.inference
+    if inf.blend_mode != "gaussian" or inf.importance_profiles is not None:
+        return spec
+    import dataclasses
+
+    new_inf = dataclasses.replace(inf, importance_profiles=gaussian_profiles(inf.roi_size, inf.sigma_scale))
+    return dataclasses.replace(spec, inference=new_inf)
+
+
+def _versions(opset) -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for key, dist in (("segrt", "segrt"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime"),
+                      ("torch", "torch"), ("monai", "monai")):
+        try:
+            out[key] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[key] = None
+    if out["segrt"] is None:
+        import segrt
+
+        out["segrt"] = getattr(segrt, "__version__", None)
+    out["opset"] = opset
+    return out
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=repr))
+
+
+def _is_artifact_dir(p: Path) -> bool:
+    try:
+        return json.loads((p / MANIFEST).read_text()).get("schema") == SCHEMA
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise ExportError(f"output {str(out)!r} exists and is not a directory")
+        if any(out.iterdir()):
+            if not _is_artifact_dir(out):
+                raise ExportError(f"output directory {str(out)!r} exists, is not empty and is not a segrt "
+                                  f"artifact; refusing to overwrite it (choose another path or remove it)")
+            if not force:
+                raise ExportError(f"output directory {str(out)!r} already holds a segrt artifact; pass "
+                                  f"force=True (--force) to replace it")
+    if not out.parent.is_dir():
+        raise ExportError(f"parent directory {str(out.parent)!r} of the output does not exist")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished temp dir into place; an existing artifact is swapped out, then removed."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old.rmdir()
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _detect_kind(src: Path) -> str:
+    if not src.exists():
+        raise ExportError(f"export source {str(src)!r} does not exist (expected a MONAI bundle directory, "
+                          f"a TorchScript file or an ONNX file)")
+    if src.is_dir():
+        return "bundle"
+    if src.suffix.lower() == ".onnx":
+        return "onnx"
+    return "torchscript"
+
+
+def _load_torchscript(src: Path):
+    import torch
+
+    try:
+        model = torch.jit.load(str(src), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError and others
+        raise ExportError(f"{str(src)!r} is not a TorchScript module loadable with torch.jit.load "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); a plain state dict needs its "
+                          f"bundle directory instead") from exc
+    return model.eval()
+
+
+def _check_forward(model, spec: Spec) -> None:
+    """One forward at roi size: the output must be (1, num_classes, *roi_size)."""
+    import torch
+
+    roi = tuple(spec.inference.roi_size)
+    x = torch.zeros((1, spec.in_channels, *roi), dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            y = model(x)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"the network fails on a (1, {spec.in_channels}, {', '.join(map(str, roi))}) "
+                          f"input: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    if isinstance(y, (tuple, list)):
+        raise ExportError(f"the network returns a {type(y).__name__} of outputs; expected one tensor")
+    want = (1, spec.num_classes, *roi)
+    if tuple(y.shape) != want:
+        raise ExportError(f"the network output has shape {tuple(y.shape)}, expected {want} "
+                          f"(batch, num_classes={spec.num_classes}, *roi_size)")
+
+
+def _onnx_source(src: Path, tmp: Path, spec: Spec, gate_samples: int) -> tuple[dict, dict]:
+    """Copy an ONNX source into the artifact, validate it against the spec, run it."""
+    import onnx
+
+    from segrt.export.gate import check_onnx_only, gate_seed
+    from segrt.export.onnx import MIN_OPSET, onnx_io
+
+    io_ = onnx_io(src)
+    dst = tmp / MODEL_FP32
+    if io_["external_data"]:
+        model = onnx.load(str(src))  # pulls the external tensors in; saved as one file
+        onnx.save(model, str(dst))
+    else:
+        shutil.copyfile(src, dst)
+    try:
+        onnx.checker.check_model(str(dst))
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"{src}: fails onnx.checker: {exc}") from exc
+    if io_["opset"] is not None and io_["opset"] < MIN_OPSET:
+        warnings.warn(f"{src}: opset {io_['opset']} is below {MIN_OPSET}", stacklevel=3)
+    roi = list(spec.inference.roi_size)
+    ish, osh = io_["input_shape"], io_["output_shape"]
+    if len(ish) != 5 or len(osh) != 5:
+        raise ExportError(f"{src}: expected 5-D input and output (batch, C, x, y, z), got input {ish} and "
+                          f"output {osh}")
+
+    def fixed_mismatch(got, want):
+        return [i for i, (g, w) in enumerate(zip(got, want)) if isinstance(g, int) and g != w]
+
+    if fixed_mismatch(ish[1:], [spec.in_channels, *roi]):
+        raise ExportError(f"{src}: input shape {ish} does not match the spec (batch, in_channels="
+                          f"{spec.in_channels}, roi_size={roi})")
+    if fixed_mismatch(osh[1:], [spec.num_classes, *roi]):
+        raise ExportError(f"{src}: output shape {osh} does not match the spec (batch, num_classes="
+                          f"{spec.num_classes}, roi_size={roi})")
+    batch = ish[0]
+    if isinstance(batch, int) and batch != spec.inference.sw_batch_size:
+        raise ExportError(f"{src}: the input has a fixed batch of {batch}, but the spec's sw_batch_size is "
+                          f"{spec.inference.sw_batch_size}; export with a dynamic batch dimension or "
+                          f"set sw_batch_size={batch}")
+    run_batch = batch if isinstance(batch, int) else 2
+    digest = sha256_file(dst)
+    report = check_onnx_only(dst, input_shape=(run_batch, spec.in_channels, *roi), num_classes=spec.num_classes,
+                             roi_size=roi, samples=gate_samples, seed=gate_seed("onnx-only", digest))
+    b = batch if isinstance(batch, int) else "batch"
+    entry = {
+        "path": MODEL_FP32, "sha256": digest, "format": "onnx",
+        "input_name": io_["input_name"], "output_name": io_["output_name"],
+        "input_shape": [b, spec.in_channels, *roi], "output_shape": [b, spec.num_classes, *roi],
+        "opset": io_["opset"], "exporter": "copied",
+        "exporter_note": "the ONNX source file was copied" + (
+            " (external data embedded)" if io_["external_data"] else ""),
+    }
+    return entry, report
+
+
+# ---------------------------------------------------------------------------------------------
+# public
+# ---------------------------------------------------------------------------------------------
+
+def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: dict | None = None,
+           gate_samples: int = 2, force: bool = False, opset: int | None = None, exporter: str = "auto",
+           seed: int = 0) -> Path:
+    """Export ``source`` to the artifact directory ``out_dir`` and return its path.
+
+    ``source`` is a MONAI bundle directory, a TorchScript file (``torch.jit.load``-able; needs
+    ``spec``) or an ONNX file (needs ``spec``). ``spec`` (path to JSON, dict or :class:`Spec`)
+    replaces the spec derived from a bundle. ``random_init`` lets a bundle without its weights file
+    export with (seeded) random weights - a warning is issued and the manifest records it.
+    ``overrides`` are bundle config overrides (id → value). The fp32 model is checked by the accuracy
+    gate (:mod:`segrt.export.gate`) on ``gate_samples`` random batches; the artifact is built in a
+    temporary directory beside ``out_dir`` and renamed into place only when everything passed.
+    An existing, non-empty ``out_dir`` is replaced only if it is a segrt artifact and ``force`` is
+    true; any other non-empty directory is never touched. ``opset`` (default 18, >= 17) and
+    ``exporter`` (``"auto"``: dynamo, TorchScript as fallback) tune the ONNX export; ``seed`` seeds
+    the random initialisation.
+    """
+    from segrt.export.onnx import DEFAULT_OPSET, export_onnx
+    from segrt.export.gate import gate_seed, run_gate
+
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    if int(gate_samples) < 1:
+        raise ExportError(f"gate_samples must be >= 1, got {gate_samples}")
+    src = Path(source)
+    out = Path(out_dir).absolute()
+    kind = _detect_kind(src)
+    user_spec = _read_spec(spec)
+    if kind != "bundle" and user_spec is None:
+        raise ExportError(f"a {kind} source ({str(src)!r}) carries no preprocessing/inference settings; "
+                          f"pass a spec (--spec spec.json)")
+    if kind != "bundle" and overrides:
+        raise ExportError(f"overrides apply to bundle configs only, got them for a {kind} source")
+    if kind != "bundle" and random_init:
+        raise ExportError(f"random_init applies to bundles without their weights file only; a {kind} "
+                          f"source carries its own weights")
+    _check_out_dir(out, force)
+
+    t_start = time.perf_counter()
+    source_info: dict = {"kind": kind, "path": str(src.resolve()), "name": src.name if kind == "bundle"
+                         else src.stem, "overrides": _jsonable(overrides or {}), "bundle_version": None}
+    model = None
+    if kind == "bundle":
+        loaded = load_bundle(src, overrides, random_init=random_init, seed=seed)
+        model = loaded.network
+        weights = loaded.weights
+        source_info["name"] = loaded.name
+        source_info["bundle_version"] = loaded.version
+        source_info["spec_from"] = "user" if user_spec is not None else "bundle"
+        the_spec = user_spec if user_spec is not None else loaded.spec
+    elif kind == "torchscript":
+        model = _load_torchscript(src)
+        weights = {"random_init": False, "path": str(src.resolve()), "sha256": sha256_file(src)}
+        the_spec = user_spec
+        source_info["spec_from"] = "user"
+    else:
+        weights = {"random_init": False, "path": str(src.resolve()), "sha256": sha256_file(src)}
+        the_spec = user_spec
+        source_info["spec_from"] = "user"
+    try:
+        the_spec = _with_profiles(the_spec)
+    except ImportError:  # no torch (ONNX source): the runtime computes the profiles itself
+        pass
+
+    if weights.get("random_init"):
+        msg = (f"exporting {str(src)!r} with RANDOM weights ({weights.get('expected_path')} is missing): "
+               f"the artifact's predictions are meaningless; the manifest records random_init=true")
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        log.warning(msg)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if model is not None:
+            _check_forward(model, the_spec)
+            entry = export_onnx(model, tmp / MODEL_FP32, in_channels=the_spec.in_channels,
+                                roi_size=the_spec.inference.roi_size, num_classes=the_spec.num_classes,
+                                opset=opset, exporter=exporter)
+            digest = sha256_file(tmp / MODEL_FP32)
+            entry = {"path": MODEL_FP32, "sha256": digest, "format": "onnx", **entry}
+            entry.pop("external_data", None)
+            report = run_gate(model, tmp / MODEL_FP32, in_channels=the_spec.in_channels,
+                              roi_size=the_spec.inference.roi_size, num_classes=the_spec.num_classes,
+                              samples=int(gate_samples), seed=gate_seed("fp32", digest))
+            used_opset = entry.get("opset", opset)
+        else:
+            entry, report = _onnx_source(src, tmp, the_spec, int(gate_samples))
+            used_opset = entry.get("opset")
+        manifest = {
+            "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "versions": _versions(used_opset),
+            "source": source_info,
+            "weights": weights,
+            "spec": the_spec.to_dict(),
+            "models": {"fp32": entry},
+            "gate": {"fp32": report},
+            "export_seconds": round(time.perf_counter() - t_start, 3),
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s -> %s (gate: %s)", src, out, report.get("passed"))
+    return out
+
+
+class _CallableModule(type(json)):
+    """``segrt.export`` is both this subpackage and the top-level ``segrt.export(...)`` function.
+
+    Importing the subpackage rebinds the attribute ``segrt.export`` to the module, which would hide
+    the function; making the module callable keeps ``segrt.export(source, out_dir, ...)`` working.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return export(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

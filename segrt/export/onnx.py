@@ -1,0 +1,174 @@
+"""Export a torch network to ONNX with a fixed patch size and a dynamic batch dimension.
+
+Exporter choice (measured on this project's CPU box, torch 2.13 / onnxscript, opset 18, 96³ patches):
+
+============================  ==============  ==================  ======================
+model                          dynamo=True     dynamo=False (TS)   both: dynamic batch, checker OK,
+============================  ==============  ==================  ORT batch 2 runs
+spleen UNet (16..256, 2 res)   5.4-6.5 s       1.3 s
+SegResNet (init_filters 8)     4.0-4.4 s       2.7-3.1 s
+SegResNet (16, 105 ch, 64³)    6.4 s           1.0 s
+wholeBody SegResNet (32, 105)  12.7 s          -
+============================  ==============  ==================  ======================
+
+Accuracy is the same for both: the 64³ SegResNet gave a bit-identical ORT-vs-torch report (max
+1.6e-5, mean 1.4e-6) with either exporter.
+
+Both exporters succeed for SegResNet and UNet. We use the **dynamo** exporter first because it is the
+exporter torch maintains (the default since torch 2.9; the TorchScript-based one is deprecated and
+slated for removal), so artifacts keep exporting on future torch versions; its extra seconds do not
+matter for a one-off export. We fall back to the TorchScript exporter when dynamo fails - notably for
+TorchScript *sources* (``torch.jit.load`` modules cannot go through ``torch.export``) - and record
+which exporter produced the file, and why a fallback happened, in the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+import warnings
+from pathlib import Path
+
+from segrt.errors import ExportError
+
+__all__ = ["DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "export_onnx", "onnx_io"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 17
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+BATCH_DIM = "batch"
+
+
+def _dims(value_info) -> list:
+    out = []
+    for d in value_info.type.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            out.append(str(d.dim_param))
+        else:
+            out.append(None)
+    return out
+
+
+def onnx_io(path) -> dict:
+    """Names, shapes (ints, or str for symbolic dims) and opset of a single-input/-output ONNX model."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf errors
+        raise ExportError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        raise ExportError(f"{path}: expected an ONNX model with exactly one input and one output, got "
+                          f"{len(inputs)} input(s) {[i.name for i in inputs]} and "
+                          f"{len(model.graph.output)} output(s) {[o.name for o in model.graph.output]}")
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    return {
+        "input_name": inputs[0].name, "output_name": model.graph.output[0].name,
+        "input_shape": _dims(inputs[0]), "output_shape": _dims(model.graph.output[0]),
+        "opset": opset, "external_data": external,
+    }
+
+
+def _export_dynamo(model, example, path: Path, opset: int) -> None:
+    import torch
+
+    batch = torch.export.Dim(BATCH_DIM, min=1, max=4096)
+    # the dynamo exporter prints progress lines and logs one warning per missing torchvision op
+    noisy = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], opset_version=opset, dynamo=True,
+                              dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+    finally:
+        noisy.setLevel(level)
+
+
+def _export_torchscript(model, example, path: Path, opset: int) -> None:
+    import torch
+
+    torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                      opset_version=opset, dynamo=False,
+                      dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}})
+
+
+def _validate(path: Path, in_channels: int, roi_size, num_classes: int | None) -> dict:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - onnx.checker.ValidationError and friends
+        raise ExportError(f"exported ONNX model fails onnx.checker: {exc}") from exc
+    io_ = onnx_io(path)
+    want_in = [in_channels, *roi_size]
+    if io_["input_shape"][1:] != want_in or isinstance(io_["input_shape"][0], int):
+        raise ExportError(f"exported ONNX input has shape {io_['input_shape']}, expected "
+                          f"['{BATCH_DIM}', {', '.join(map(str, want_in))}] with a dynamic batch")
+    out = io_["output_shape"]
+    if isinstance(out[0], int) or (num_classes is not None and out[1:] != [num_classes, *roi_size]):
+        raise ExportError(f"exported ONNX output has shape {out}, expected "
+                          f"['{BATCH_DIM}', {num_classes}, {', '.join(map(str, roi_size))}]")
+    # name the symbolic batch dim the same on both sides, whatever the exporter called it
+    io_["input_shape"][0] = BATCH_DIM
+    io_["output_shape"][0] = BATCH_DIM
+    return io_
+
+
+def export_onnx(model, path, *, in_channels: int, roi_size, num_classes: int | None = None,
+                opset: int = DEFAULT_OPSET, exporter: str = "auto") -> dict:
+    """Export ``model`` (eval mode, CPU) to ``path``; return what the manifest records about it.
+
+    ``exporter``: ``"auto"`` (dynamo, falling back to TorchScript), ``"dynamo"`` or ``"torchscript"``.
+    The input is ``"input"`` ``(batch, in_channels, *roi_size)``, the output ``"output"``
+    ``(batch, num_classes, *roi_size)``; the batch dimension is dynamic. The file passes
+    ``onnx.checker.check_model``.
+    """
+    import torch
+
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise ExportError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
+    path = Path(path)
+    model.eval()
+    example = torch.zeros((1, int(in_channels), *map(int, roi_size)), dtype=torch.float32)
+    order = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}[exporter]
+    if isinstance(model, torch.jit.ScriptModule) and exporter == "auto":
+        order = ["torchscript"]  # torch.export cannot trace a ScriptModule
+        notes = ["source is a TorchScript module, which torch.export (dynamo) cannot trace"]
+    else:
+        notes = []
+    fns = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
+    last_exc: Exception | None = None
+    for name in order:
+        t0 = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with torch.no_grad():
+                    fns[name](model, example, path, opset)
+            info = _validate(path, in_channels, roi_size, num_classes)
+        except Exception as exc:  # noqa: BLE001 - exporters raise anything; we try the next one
+            last_exc = exc
+            notes.append(f"{name} exporter failed: {type(exc).__name__}: {str(exc)[:300]}")
+            log.warning("ONNX export with the %s exporter failed: %s", name, exc)
+            if path.exists():
+                path.unlink()
+            continue
+        info.update({"exporter": name, "export_seconds": round(time.perf_counter() - t0, 3)})
+        if notes:
+            info["exporter_note"] = "; ".join(notes)
+        return info
+    raise ExportError("ONNX export failed with every exporter tried: " + "; ".join(notes)) from last_exc
