@@ -50,13 +50,6 @@ __all__ = [
 ]
 
 
-def export(source, out_dir, **kwargs):
-    """Export a MONAI bundle / TorchScript / ONNX source to an artifact (see :func:`segrt.export.export`)."""
-    from segrt.export import export as _export
-
-    return _export(source, out_dir, **kwargs)
-
-
 def __getattr__(name):  # lazy: keep `import segrt` cheap and torch-free
     if name in ("Engine", "Segmentation"):
         from segrt.engine import engine as _e
@@ -66,6 +59,10 @@ def __getattr__(name):  # lazy: keep `import segrt` cheap and torch-free
         from segrt import volume as _v
 
         return getattr(_v, name)
+    if name == "export":  # the subpackage, callable as segrt.export(source, out_dir, ...)
+        import importlib
+
+        return importlib.import_module("segrt.export")
     if name == "Artifact":
         from segrt.artifact import Artifact
 
