@@ -2,8 +2,11 @@
 
 The volume has a non-trivial affine: LPS, anisotropic spacing, odd sizes, and after resampling it is larger
 than the 96³ roi along the first axis and smaller along the others (so padding and window placement matter).
-Spacings are chosen so that nearest inversion has no exact .5 source coordinates (MONAI decides those by
-float noise, MONAI_NOTES §6.3); every ratio s_in/s_out here has an odd denominator.
+The float32 volume's spacings (0.9, 1.2, 2.7; float32 in the NIfTI header) give no exact .5 source coordinates
+for nearest inversion. The int16 variant is integer CT with many exact-0 voxels at spacings NIfTI stores exactly
+(0.75, 1.25, 2.5): many source coordinates fall on exact integers and .5 ties, where MONAI's float64 noise decides
+which voxels stay 0 for NormalizeIntensityd(nonzero=True) and which way nearest rounds (MONAI_NOTES §3.6, §6.3);
+segrt follows torch's coordinate arithmetic, so both must still agree.
 """
 
 from __future__ import annotations
@@ -22,23 +25,43 @@ PROB_TOL = 1e-3
 LABEL_AGREEMENT = 0.999
 TIE_MARGIN = 1e-3
 
-CASES = {
-    "spleen": (BUNDLES / "spleen_ct_segmentation", {}),
-    "wholebody_small_1.5mm": (FIXTURES / "bundles" / "wholebody_small", {}),
-    "wholebody_small_3mm": (FIXTURES / "bundles" / "wholebody_small", {"displayable_configs#highres": False}),
+CASES = {  # name: (bundle, config overrides, input volume)
+    "spleen": (BUNDLES / "spleen_ct_segmentation", {}, "float32"),
+    "wholebody_small_1.5mm": (FIXTURES / "bundles" / "wholebody_small", {}, "float32"),
+    "wholebody_small_3mm": (FIXTURES / "bundles" / "wholebody_small", {"displayable_configs#highres": False},
+                            "float32"),
+    "wholebody_small_3mm_int16": (FIXTURES / "bundles" / "wholebody_small", {"displayable_configs#highres": False},
+                                  "int16"),
 }
 
 
+def _write_int16(path, array, affine):
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.asarray(array, dtype=np.int16), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+    assert nib.load(str(path)).get_data_dtype() == np.int16
+    return path
+
+
 @pytest.fixture(scope="module")
-def volume_path(tmp_path_factory):
+def volume_paths(tmp_path_factory):
     d = tmp_path_factory.mktemp("vol")
-    shape, spacing = (171, 100, 47), (0.9, 1.2, 2.7)
-    return write_volume(d / "case_ct.nii.gz", ct_like(shape, seed=3), lps_affine(spacing))
+    shape = (171, 100, 47)
+    ct = ct_like(shape, seed=3)
+    # int16 variant: body at ~0 HU; |HU| < 12 set to exactly 0 (water), so a large share of voxels is exactly 0
+    hu = ct - 40.0
+    hu[np.abs(hu) < 12] = 0.0
+    return {"float32": write_volume(d / "case_ct.nii.gz", ct, lps_affine((0.9, 1.2, 2.7))),
+            "int16": _write_int16(d / "case_ct_int16.nii.gz", hu, lps_affine((0.75, 1.25, 2.5)))}
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_parity_with_monai_pipeline(case, volume_path, tmp_path):
-    src, overrides = CASES[case]
+def test_parity_with_monai_pipeline(case, volume_paths, tmp_path):
+    src, overrides, vol_kind = CASES[case]
+    volume_path = volume_paths[vol_kind]
     if not src.exists():
         pytest.skip(f"{src} not present (the shared bundles are beside the repo only in CI)")
     from segrt.engine.engine import Engine
@@ -50,6 +73,19 @@ def test_parity_with_monai_pipeline(case, volume_path, tmp_path):
 
     with Engine.load(art, device="cpu") as eng:
         seg = eng.segment(volume_path, return_probabilities=True, progress=False)
+        pre_spec = eng.spec.preprocessing
+
+    # the preprocessed image: exact zeros (NormalizeIntensityd nonzero masks) and values
+    from segrt.engine.preprocess import preprocess
+    from segrt.volume import load_nifti
+
+    vol = load_nifti(volume_path)
+    input_zero_fraction = float(np.mean(vol.array == 0))
+    pre, _ = preprocess(vol, pre_spec)
+    ref_pre = ref["preprocessed"]
+    assert pre[0].shape == ref_pre.shape
+    pre_zero_mismatch = int(np.sum((pre[0] == 0) != (ref_pre == 0)))
+    pre_diff = float(np.abs(pre[0] - ref_pre).max())
 
     probs = seg.probabilities
     assert probs.shape == ref["probs"].shape, (probs.shape, ref["probs"].shape)
@@ -61,12 +97,16 @@ def test_parity_with_monai_pipeline(case, volume_path, tmp_path):
     margin = top2_margin(ref["inv_probs"])
     bad = ~agree
     max_margin_bad = float(margin[bad].max()) if bad.any() else 0.0
-    report = {"case": case, "max_abs_prob_diff": prob_diff, "label_agreement": agreement,
+    report = {"case": case, "input_zero_fraction": round(input_zero_fraction, 4),
+              "preprocessed_zero_mismatch": pre_zero_mismatch, "preprocessed_max_abs_diff": pre_diff,
+              "max_abs_prob_diff": prob_diff, "label_agreement": agreement,
               "disagreeing_voxels": int(bad.sum()), "max_margin_at_disagreement": max_margin_bad,
               "voxels": int(agree.size), "windows": seg.metadata["windows"]}
     print("PARITY", json.dumps(report))
     # the network must actually make decisions here (not one label everywhere)
     assert len(np.unique(ref["labels"])) > 1
+    assert pre_zero_mismatch == 0, report
+    assert pre_diff <= 1e-5, report
     assert prob_diff <= PROB_TOL, report
     assert agreement >= LABEL_AGREEMENT, report
     assert max_margin_bad < TIE_MARGIN, report

@@ -187,3 +187,83 @@ def test_bad_inputs():
         P.plan_spacing(np.eye(4), (3, 3, 3), (1.0, 2.0))
     with pytest.raises(SpecError, match="mode"):
         P.apply_spacing(np.zeros((1, 4, 4, 4), np.float32), P.plan_spacing(np.eye(4), (4, 4, 4), 2.0), "cubic")
+
+
+# ---- the wholeBody chain on integer CT: exact zeros must be MONAI's ---------------------------------
+def _ct_int16(shape, seed):
+    """int16 CT-like phantom: air (-1000), a water body at 0 HU with sparse ±3 HU noise (so many voxels are
+    exactly 0, next to non-zero ones) around a noise-free water region, a soft-tissue blob and a bone rod."""
+    rng = np.random.default_rng(seed)
+    g = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    body = (g[0] ** 2 / 0.8 + g[1] ** 2 / 0.6) < 1.0
+    x = np.full(shape, -1000, np.int16)
+    x[body] = 0
+    x[body & (((g[0] - 0.2) ** 2 + (g[1] + 0.1) ** 2 + g[2] ** 2) < 0.15)] = 60
+    x[body & (((g[0] + 0.3) ** 2 + (g[1] - 0.2) ** 2) < 0.02)] = 700
+    noise = rng.integers(-3, 4, shape) * (rng.random(shape) < 0.5)
+    noise[((g[0] + 0.2) ** 2 + (g[1] + 0.3) ** 2 + (g[2] - 0.2) ** 2) < 0.12] = 0  # still water
+    return (x + noise).astype(np.int16)
+
+
+def _lps(spacing, rotated=False):
+    a = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    if rotated:
+        from scipy.spatial.transform import Rotation
+
+        a[:3, :3] = Rotation.from_euler("xyz", [8, -15, 21], degrees=True).as_matrix() @ a[:3, :3]
+    a[:3, 3] = (12.5, -30.25, 7.0)
+    return a
+
+
+# NIfTI stores the affine in float32: spacings like 0.9 arrive as 0.89999998, while 0.75/1.25/2.5/4 stay exact
+# and put many source coordinates on exact integers, where MONAI's float64 noise decides "0 or not".
+@pytest.mark.parametrize("shape,spacing,pixdim,rotated", [
+    ((48, 48, 100), (4.0, 4.0, 3.0), 3.0, False),   # the reported case
+    ((61, 47, 29), (0.75, 1.25, 2.5), 1.5, False),
+    ((57, 52, 33), (0.75, 1.25, 2.5), 3.0, False),
+    ((61, 47, 29), (0.9, 1.2, 2.7), 1.5, False),
+    ((40, 36, 22), (0.75, 1.25, 2.5), 1.5, True),
+])
+def test_wholebody_chain_on_int16_ct_keeps_monai_zero_mask(tmp_path, shape, spacing, pixdim, rotated):
+    import nibabel as nib
+
+    from segrt.volume import load_nifti
+
+    x = _ct_int16(shape, seed=sum(shape))
+    aff = _lps(spacing, rotated)
+    img = nib.Nifti1Image(x, aff)
+    img.set_qform(aff, code=1)
+    img.set_sform(aff, code=1)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(img, str(path))
+    assert nib.load(str(path)).get_data_dtype() == np.int16
+
+    load = T.Compose([T.LoadImaged("image"), T.EnsureChannelFirstd("image"), T.Orientationd("image", axcodes="RAS"),
+                      T.Spacingd("image", pixdim=[pixdim] * 3, mode="bilinear")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d = load({"image": str(path)})
+        spaced = d["image"].numpy().copy()
+        d = T.NormalizeIntensityd("image", nonzero=True)(d)
+        ref = T.ScaleIntensityd("image", minv=-1.0, maxv=1.0)(d)["image"].numpy()
+
+    pre = Preprocessing("RAS", SpacingSpec((pixdim,) * 3),
+                        (IntensityOp.from_dict({"op": "normalize_intensity", "nonzero": True}),
+                         IntensityOp.from_dict({"op": "scale_intensity", "minv": -1.0, "maxv": 1.0})))
+    vol = load_nifti(path)
+    a, aff_or, _ = P.orient(vol.array, vol.affine, "RAS")
+    plan = P.plan_spacing(aff_or, a.shape[1:], (pixdim,) * 3)
+    ours_spaced = P.apply_spacing(a, plan)
+    out, rec = P.preprocess(vol, pre)
+
+    zeros_ref = spaced == 0
+    mism = int(np.sum((ours_spaced == 0) != zeros_ref))
+    diff = float(np.abs(out - ref).max())
+    print(f"[int16 chain {shape}@{spacing}->{pixdim} rot={rotated}] exact zeros={int(zeros_ref.sum())} "
+          f"({100 * zeros_ref.mean():.1f}%) mask mismatches={mism} spacing bit-exact="
+          f"{100 * np.mean(ours_spaced == spaced):.3f}% final max|d|={diff:.3g}")
+    assert zeros_ref.sum() >= 50  # the case must exercise the mask
+    assert mism == 0
+    assert np.array_equal(out == 0, ref == 0)
+    assert diff <= 1e-5
+    np.testing.assert_array_equal(rec.output_affine, d["image"].affine.numpy())

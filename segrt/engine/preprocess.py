@@ -70,7 +70,7 @@ def orient(array: np.ndarray, affine: np.ndarray, axcodes: str):
     perm = np.argsort(ornt[:, 0])
     if not np.array_equal(perm, np.arange(3)):
         out = out.transpose(0, *(int(p) + 1 for p in perm))
-    return out, affine @ xform, ornt
+    return out, K.torch_matmul(affine, xform), ornt  # MONAI updates the affine with a torch matmul
 
 
 def unorient_labels(labels: np.ndarray, ornt: np.ndarray, orig_shape) -> np.ndarray:
@@ -185,7 +185,9 @@ def plan_spacing(affine: np.ndarray, shape, pixdim) -> SpacingPlan:
         raise VolumeError(f"resampling {in_shape} to spacing {tuple(out_d)} gives an empty grid {out_shape}")
     M = np.linalg.solve(A, new)
     noop = _is_noop(A, new, M, out_shape, in_shape)
-    out_affine = A.copy() if noop else A @ M
+    # MONAI's new affine is a torch float64 matmul (summed sequentially, no FMA; NumPy's @ may round differently,
+    # which for rotated affines changes M_inv, and so the inverse's coordinates, in the last bits)
+    out_affine = A.copy() if noop else K.torch_matmul(A, M)
     out_shape_eff = in_shape if noop else out_shape
     M_inv = np.linalg.solve(out_affine, A)
     inverse_noop = noop or _is_noop(out_affine, A, M_inv, in_shape, out_shape_eff)

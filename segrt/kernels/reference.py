@@ -1,26 +1,48 @@
 """NumPy reference kernels for resampling: the truth other kernels are tested against.
 
-Semantics are MONAI 1.6.1 ``SpatialResample`` on the torch path (``grid_sample`` with
-``padding_mode="border"``, ``align_corners=False``), see MONAI_NOTES §3.5-3.6 and §6.3:
+Semantics are MONAI 1.6.1 ``SpatialResample`` on the torch path (``affine_grid`` + ``grid_sample`` in
+float64, ``padding_mode="border"``, ``align_corners=False``), see MONAI_NOTES §3.5-3.6 and §6.3.
 
-* ``M`` (4x4) maps an *output* voxel index ``o`` to a *source* voxel index ``p = M·[o; 1]``
-  (``M = solve(A_src, A_dst)``). With ``align_corners=False`` MONAI's normalise / unnormalise pair
-  cancels, so this is all the geometry there is.
-* border padding: every coordinate is clamped to ``[0, n-1]`` before interpolation.
-* linear: trilinear interpolation, computed in float64, cast to float32 at the end. Results match
-  MONAI bit for bit except at float32 rounding ties (≤ 1 ulp).
-* nearest: clamp, then round half to even (``np.rint``) of the float64 coordinate ``M·o``.
-  MONAI (``grid_sample`` nearest) also rounds half to even, but its coordinate carries float64
-  noise from torch's normalised grid, so at *exact* ``.5`` ties MONAI's choice is noise-decided and
-  may differ from ours; everywhere else the two agree exactly.
+``M`` (4x4) maps an *output* voxel index ``o`` to a *source* voxel index (``M = solve(A_src, A_dst)``).
+Mathematically the source coordinate is just ``p = M·[o; 1]``, but MONAI does not compute it that way,
+and the float64 noise of its route decides things that matter: whether an interpolated voxel is exactly
+0 (``NormalizeIntensityd(nonzero=True)`` masks on ``x != 0``) and which way nearest rounds an exact .5.
+So the coordinates here follow torch's arithmetic operation for operation (:class:`SourceGrid`):
 
-When ``M[:3, :3]`` is diagonal (always the case for Spacingd on non-sheared affines, rotated or not)
-the separable fast path is used: along each axis two source indices and two weights per output
-index. Otherwise the general path gathers the 8 corners per output voxel, chunked along axis 0.
-Both paths process the output in slabs along axis 0 to bound memory.
+1. ``θ = N_src·M·N_dst⁻¹`` as ``monai.networks.utils.to_norm_affine`` builds it: ``N(n) = [diag(2/n), 1/n - 1]``
+   (``2/n`` as ``2·(1/n)``), ``N_dst⁻¹`` by ``np.linalg.inv``, the two products as torch's small-matrix
+   kernel sums them (sequentially over k, no FMA).
+2. ``affine_grid``'s base coordinates per output axis: ``linspace(-1, 1, n)·(n-1)/n`` with torch's CPU
+   linspace (``fma(step, i, -1)`` below ``n//2``, ``fma(-step, n-1-i, 1)`` from there on, ``step = 2/(n-1)``;
+   the FMA is computed exactly here with integers), then multiplied by ``n-1`` and divided by ``n``.
+3. The grid is ``base·θᵀ`` summed sequentially: for MONAI axis d (torch reverses the axes),
+   ``c_d = ((g_2·θ[d,2] + g_1·θ[d,1]) + g_0·θ[d,0]) + θ[d,3]``.
+4. ``grid_sample``: ``p = ((c + 1)·n_src - 1)/2``, clamped to ``[0, n_src-1]`` (border), then
+   ``floor``; linear weights ``(i0+1) - p`` and ``p - i0``; the value is the sum over the 8 corners, in the
+   order tnw, tne, tsw, tse, bnw, bne, bsw, bse (torch's x = MONAI axis 2, z = MONAI axis 0), of
+   ``v·((w_2·w_1)·w_0)``; nearest is ``rint`` (half to even) of the clamped ``p``.
+
+Checked against torch 2.13 (CPU, AVX512 build) bit for bit: θ, the grid and the resampled values
+(``tests/test_resample.py``). The FMA in step 2 is what torch's vectorised CPU build does (AVX2/AVX512/NEON);
+a torch built without FMA (baseline x86-64 capability) would round those ~half of its linspace values differently.
+
+Fast paths. When ``θ[:3, :3]`` is diagonal (always the case for Spacingd on non-sheared, non-rotated
+affines) each coordinate depends on its own output index only, and the resampling is separable: along each
+axis two source indices and two weights per output index, exactly torch's. Rotated affines give a ``θ`` with
+~1e-17 off-diagonal terms: the separable path then uses the diagonal part (exact up to ~1e-14 voxel),
+and :func:`resample_nearest` recomputes the few planes whose coordinate lies within that distance of a .5
+tie with the exact per-voxel coordinates. The separable trilinear value sums in a different order than
+torch (≤ a few float64 ulps of the neighbourhood's magnitude, invisible after the float32 cast except at
+float32 rounding ties), which matters only where the value is ~0: :func:`resample_linear` recomputes every
+voxel whose value is that close to 0 with torch's exact 8-corner sum (except, for a diagonal θ, voxels whose
+corners of non-zero weight all hold 0: torch's sum is exactly 0 there too), so exact zeros are exactly
+MONAI's; with inf/NaN in the source every non-finite result is recomputed as well. A non-diagonal ``M``
+(sheared input) takes the general path, torch's arithmetic per voxel, in slabs.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -28,8 +50,14 @@ from segrt.errors import SpecError
 
 __all__ = [
     "is_diagonal",
+    "SourceGrid",
+    "torch_matmul",
+    "torch_theta",
+    "base_grid",
+    "axis_tables",
     "axis_weights",
     "resample_linear",
+    "resample_linear_points",
     "resample_nearest",
     "resample_nearest_labels",
     "invert_probabilities_argmax",
@@ -38,6 +66,7 @@ __all__ = [
 
 _DIAG_TOL = 1e-12
 _CHUNK_POINTS = 1 << 21  # output voxels per slab in the general path (~2 M points)
+_ZERO_TOL = 1e-9  # |value| ≤ _ZERO_TOL·max|src| (+ the coordinate bound) is recomputed exactly
 
 
 def _check_M(M) -> np.ndarray:
@@ -49,6 +78,16 @@ def _check_M(M) -> np.ndarray:
     return M
 
 
+def _check_shape(name: str, shape) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError as exc:
+        raise SpecError(f"{name} must be 3 positive integers, received {shape!r}") from exc
+    if len(shape) != 3 or min(shape) < 1:
+        raise SpecError(f"{name} must be 3 positive integers, received {shape}")
+    return shape
+
+
 def is_diagonal(M: np.ndarray) -> bool:
     """True when the 3x3 part of ``M`` is diagonal up to float64 noise (relative 1e-12)."""
     M = np.asarray(M, dtype=np.float64)
@@ -58,26 +97,217 @@ def is_diagonal(M: np.ndarray) -> bool:
     return bool(np.all(np.abs(off) <= _DIAG_TOL * scale))
 
 
-def axis_weights(scale: float, offset: float, n_out: int, n_src: int):
-    """Per output index along one axis: ``(i0, i1, w0, w1)`` of the clamped linear interpolation.
+# ---- torch's coordinate arithmetic ---------------------------------------------------------------
+def torch_matmul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """float64 ``A @ B`` of small matrices as torch's CPU matmul rounds it (4x4, checked against torch 2.13):
+    ``acc = 0; acc += a_k·b_k`` for k = 0, 1, ..., each product and sum rounded (no FMA). NumPy's ``@``
+    (BLAS, FMA) can differ in the last bit."""
+    A = np.asarray(A, dtype=np.float64)
+    B = np.asarray(B, dtype=np.float64)
+    if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[0]:
+        raise SpecError(f"torch_matmul needs (n, k) and (k, m) matrices, received {A.shape} and {B.shape}")
+    C = np.zeros((A.shape[0], B.shape[1]), dtype=np.float64)
+    for k in range(A.shape[1]):
+        C = C + A[:, k:k + 1] * B[k:k + 1, :]
+    return C
 
-    ``p = scale·o + offset`` clamped to ``[0, n_src-1]``; ``i0 = floor(p)``, ``i1 = min(i0+1, n_src-1)``,
-    ``w1 = p - i0``, ``w0 = 1 - w1`` (float64).
+
+def _norm_xform(shape) -> np.ndarray:
+    """``monai.networks.utils.normalize_transform(shape, align_corners=False)`` (4x4)."""
+    r = 1.0 / np.asarray(shape, dtype=np.float64)  # torch: 2.0 / t is t.reciprocal() * 2.0
+    N = np.diag(np.append(2.0 * r, 1.0))
+    N[:3, 3] = r - 1.0
+    return N
+
+
+def torch_theta(M: np.ndarray, src_shape, out_shape) -> np.ndarray:
+    """The normalised 4x4 ``θ`` MONAI's ``to_norm_affine`` hands to ``affine_grid`` (before its axis reversal)."""
+    M = _check_M(M)
+    Nd_inv = np.linalg.inv(_norm_xform(out_shape)[None])[0]  # MONAI inverts the batched (1, 4, 4) array
+    return torch_matmul(torch_matmul(_norm_xform(src_shape), M), Nd_inv)
+
+
+@functools.lru_cache(maxsize=512)
+def _base_grid_cached(n: int) -> np.ndarray:
+    if n <= 1:
+        out = np.zeros(1, dtype=np.float64)
+    else:
+        num, den = (2.0 / (n - 1)).as_integer_ratio()  # step = num/den exactly, den a power of two
+        half = n // 2
+        # exact fma then one rounding: Python's int / int true division is correctly rounded
+        lin = [(num * i - den) / den if i < half else (den - num * (n - 1 - i)) / den for i in range(n)]
+        out = np.array(lin, dtype=np.float64) * float(n - 1) / float(n)
+    out.flags.writeable = False
+    return out
+
+
+def base_grid(n: int) -> np.ndarray:
+    """torch ``affine_grid``'s base coordinates (align_corners=False) for ``n`` output voxels (read-only)."""
+    n = int(n)
+    if n < 1:
+        raise SpecError(f"grid size must be a positive integer, received {n}")
+    return _base_grid_cached(n)
+
+
+class SourceGrid:
+    """Source coordinates of MONAI's resampling from ``src_shape`` to ``out_shape`` by ``M``, torch's way.
+
+    :meth:`axis_coords` gives, per axis, the clamped float64 coordinates of the separable part (exactly
+    torch's when ``theta_diagonal``); :meth:`point_coords` gives torch's coordinates of any output voxels.
     """
-    o = np.arange(n_out, dtype=np.float64)
-    p = np.clip(o * scale + offset, 0.0, float(n_src - 1))
-    i0 = np.floor(p)
-    w1 = p - i0
-    w0 = (i0 + 1.0) - p
-    i0 = i0.astype(np.intp)
+
+    def __init__(self, M: np.ndarray, src_shape, out_shape):
+        self.M = _check_M(M)
+        self.src_shape = _check_shape("src_shape", src_shape)
+        self.out_shape = _check_shape("out_shape", out_shape)
+        self.theta = torch_theta(self.M, self.src_shape, self.out_shape)
+        T = self.theta[:3, :3]
+        self.offdiag = np.abs(T - np.diag(np.diag(T))).sum(axis=1)  # per axis Σ_{k≠d} |θ[d,k]|
+        self.theta_diagonal = bool(np.all(self.offdiag == 0.0))
+        self.base = [base_grid(n) for n in self.out_shape]
+        # bound on |separable - exact| coordinate per axis (voxels); 0 when θ is diagonal
+        self.coord_bound = np.array([
+            0.0 if self.offdiag[d] == 0.0 else
+            self.src_shape[d] * (4.0 * self.offdiag[d]
+                                 + 4e-15 * (1.0 + abs(self.theta[d, d]) + abs(self.theta[d, 3]))) + 1e-12
+            for d in range(3)])
+
+    def _unnormalize(self, c: np.ndarray, d: int) -> np.ndarray:
+        n = float(self.src_shape[d])
+        return np.clip(((c + 1.0) * n - 1.0) / 2.0, 0.0, n - 1.0)
+
+    def axis_coords(self, d: int) -> np.ndarray:
+        """Clamped source coordinates along axis ``d`` per output index, from θ's diagonal part."""
+        c = self.base[d] * self.theta[d, d] + self.theta[d, 3]
+        return self._unnormalize(c, d)
+
+    def point_coords(self, o0, o1, o2) -> np.ndarray:
+        """Clamped source coordinates ``(3, *shape)`` of output voxels (broadcastable index arrays)."""
+        o = np.broadcast_arrays(np.asarray(o0), np.asarray(o1), np.asarray(o2))
+        g = [self.base[k][o[k]] for k in range(3)]
+        th = self.theta
+        out = np.empty((3, *o[0].shape), dtype=np.float64)
+        for d in range(3):
+            c = ((g[2] * th[d, 2] + g[1] * th[d, 1]) + g[0] * th[d, 0]) + th[d, 3]
+            out[d] = self._unnormalize(c, d)
+        return out
+
+
+def _tables(p: np.ndarray, n_src: int):
+    i0f = np.floor(p)
+    w1 = p - i0f
+    w0 = (i0f + 1.0) - p
+    i0 = i0f.astype(np.intp)
     i1 = np.minimum(i0 + 1, n_src - 1)
     return i0, i1, w0, w1
 
 
+def axis_tables(M: np.ndarray, src_shape, out_shape):
+    """Per axis ``(i0, i1, w0, w1)`` of the separable linear interpolation for a (near-)diagonal ``M``.
+
+    Exactly the tables :func:`resample_linear` and :class:`ProbabilityInverter` use (torch's coordinates
+    from the full θ; for a rotated affine these can differ in the last bit from :func:`axis_weights`, which
+    sees one axis only). ``np.rint`` of the clamped coordinates, i.e. ``SourceGrid(...).axis_coords(d)``,
+    gives the nearest indices.
+    """
+    return _separable_tables(SourceGrid(M, src_shape, out_shape))
+
+
+def axis_weights(scale: float, offset: float, n_out: int, n_src: int):
+    """Per output index along one axis: ``(i0, i1, w0, w1)`` of the clamped linear interpolation.
+
+    The axis of a diagonal ``M`` with ``M[d, d] = scale``, ``M[d, 3] = offset``; ``p`` is torch's source
+    coordinate (see the module notes), clamped to ``[0, n_src-1]``; ``i0 = floor(p)``,
+    ``i1 = min(i0+1, n_src-1)``, ``w1 = p - i0``, ``w0 = (i0+1) - p`` (float64). Equal to
+    :func:`axis_tables` when ``θ`` is exactly diagonal (axis-aligned grids); prefer that one for a full ``M``.
+    """
+    return _tables(_axis_grid(scale, offset, n_out, n_src).axis_coords(0), int(n_src))
+
+
+def _axis_grid(scale, offset, n_out, n_src) -> SourceGrid:
+    M = np.eye(4)
+    M[0, 0], M[0, 3] = float(scale), float(offset)
+    return SourceGrid(M, (int(n_src), 1, 1), (int(n_out), 1, 1))
+
+
 def _nearest_index(scale: float, offset: float, n_out: int, n_src: int) -> np.ndarray:
-    o = np.arange(n_out, dtype=np.float64)
-    p = np.clip(o * scale + offset, 0.0, float(n_src - 1))
-    return np.rint(p).astype(np.intp)
+    return np.rint(_axis_grid(scale, offset, n_out, n_src).axis_coords(0)).astype(np.intp)
+
+
+def _exact_values(src: np.ndarray, p: np.ndarray, finite: bool | None = None) -> np.ndarray:
+    """torch ``grid_sample`` (bilinear, border) of ``src (C, X, Y, Z)`` at clamped coordinates ``p (3, ...)``:
+    float64 ``(C, ...)``, corner order and weight products as torch's ``grid_sampler_3d`` computes them.
+
+    torch skips a corner past the last voxel (its weight is exactly 0 there); adding ``v·0`` instead is the
+    same for finite ``v``, so the skip is only spelled out when ``src`` is not known to be ``finite``.
+    """
+    n = src.shape[1:]
+    C = src.shape[0]
+    if finite is None:
+        finite = bool(np.isfinite(_max_abs_raw(src)))
+    i0 = [np.floor(p[d]) for d in range(3)]
+    w = [((i0[d] + 1.0) - p[d], p[d] - i0[d]) for d in range(3)]
+    i0 = [a.astype(np.intp) for a in i0]
+    i1 = [np.minimum(i0[d] + 1, n[d] - 1) for d in range(3)]
+    valid1 = None if finite else [i0[d] + 1 < n[d] for d in range(3)]
+    acc = np.zeros((C, *p.shape[1:]), dtype=np.float64)
+    for c0 in (0, 1):  # torch z: t, b
+        j0 = i1[0] if c0 else i0[0]
+        for c1 in (0, 1):  # torch y: n, s
+            j1 = i1[1] if c1 else i0[1]
+            w01 = w[1][c1]
+            for c2 in (0, 1):  # torch x: w, e
+                j2 = i1[2] if c2 else i0[2]
+                wt = (w[2][c2] * w01) * w[0][c0]
+                valid = None
+                if valid1 is not None and (c0 or c1 or c2):
+                    valid = np.ones(wt.shape, dtype=bool)
+                    for d, cd in ((0, c0), (1, c1), (2, c2)):
+                        if cd:
+                            valid &= valid1[d]
+                for ch in range(C):
+                    term = src[ch][j0, j1, j2] * wt  # promotes to float64
+                    if valid is None:
+                        acc[ch] += term
+                    else:
+                        acc[ch] = np.where(valid, acc[ch] + term, acc[ch])
+    return acc
+
+
+def _exact_values_rows(lo: np.ndarray, hi: np.ndarray, r, y, z, wx, wy, wz) -> np.ndarray:
+    """:func:`_exact_values` for an exactly diagonal θ and finite values, from the slab's two gathered source
+    rows ``lo``/``hi`` ``(C, rows, Y, Z)``: points ``(r, y, z)`` (``r`` slab-local), ``wx`` the slab's axis-0
+    weights ``(w0, w1)``, ``wy``/``wz`` the axis tables. Same corners, weights and order as torch."""
+    C = lo.shape[0]
+    Y, Z = lo.shape[2:]
+    rows = (lo.reshape(C, -1), hi.reshape(C, -1))
+    w0 = (wx[0][r], wx[1][r])
+    w1 = (wy[2][y], wy[3][y])
+    w2 = (wz[2][z], wz[3][z])
+    j1 = (wy[0][y], wy[1][y])
+    j2 = (wz[0][z], wz[1][z])
+    base = r * (Y * Z)
+    acc = np.zeros((C, r.size), dtype=np.float64)
+    for c0 in (0, 1):  # torch z (MONAI axis 0): t, b
+        for c1 in (0, 1):  # torch y: n, s
+            flat1 = base + j1[c1] * Z
+            for c2 in (0, 1):  # torch x (MONAI axis 2): w, e
+                flat = flat1 + j2[c2]
+                wt = (w2[c2] * w1[c1]) * w0[c0]
+                for ch in range(C):
+                    acc[ch] += np.take(rows[c0][ch], flat) * wt
+    return acc
+
+
+def resample_linear_points(src: np.ndarray, M: np.ndarray, out_shape, points) -> np.ndarray:
+    """MONAI's trilinear value (float64, before its float32 cast) at output voxels ``points = (o0, o1, o2)``.
+
+    Torch's arithmetic throughout (coordinates, weights and summation order), so the values equal
+    MONAI's bit for bit. ``src`` is ``(C, X, Y, Z)``; returns ``(C, *broadcast shape of points)``.
+    """
+    src, out_shape = _check_src(src, out_shape)
+    grid = SourceGrid(M, src.shape[1:], out_shape)
+    return _exact_values(src, grid.point_coords(*points))
 
 
 def _interp_yz(rows: np.ndarray, wy, wz) -> np.ndarray:
@@ -103,29 +333,40 @@ def _check_src(src: np.ndarray, out_shape) -> tuple[np.ndarray, tuple[int, int, 
     src = np.asarray(src)
     if src.ndim != 4:
         raise SpecError(f"expected a channel-first (C, X, Y, Z) array, received shape {tuple(src.shape)}")
-    out_shape = tuple(int(s) for s in out_shape)
-    if len(out_shape) != 3 or min(out_shape) < 1:
-        raise SpecError(f"out_shape must be 3 positive integers, received {out_shape}")
-    return src, out_shape
+    if min(src.shape) < 1:
+        raise SpecError(f"source array must not be empty, received shape {tuple(src.shape)}")
+    return src, _check_shape("out_shape", out_shape)
 
 
-def _general_coords(M: np.ndarray, x0: int, x1: int, out_shape, src_shape) -> np.ndarray:
-    """Clamped float64 source coordinates ``(3, r, Y', Z')`` of output rows ``x0:x1``."""
-    ox = np.arange(x0, x1, dtype=np.float64)[:, None, None]
-    oy = np.arange(out_shape[1], dtype=np.float64)[None, :, None]
-    oz = np.arange(out_shape[2], dtype=np.float64)[None, None, :]
-    coords = []
-    for d in range(3):
-        p = M[d, 0] * ox + M[d, 1] * oy + M[d, 2] * oz + M[d, 3]
-        coords.append(np.clip(p, 0.0, float(src_shape[d] - 1)))
-    return np.stack(coords)
+def _max_abs_raw(src: np.ndarray) -> float:
+    """max(|max|, |min|) of ``src``: inf or NaN when ``src`` holds a non-finite value."""
+    if src.dtype.kind in "biu":
+        return float(max(abs(int(np.max(src))), abs(int(np.min(src)))))
+    return max(abs(float(np.max(src))), abs(float(np.min(src))))
 
 
-def resample_linear(src: np.ndarray, M: np.ndarray, out_shape, out: np.ndarray | None = None) -> np.ndarray:
-    """Trilinear resampling with border clamp: ``out[c, o] = interp(src[c], M·o)``, float32 result.
+def _max_abs(src: np.ndarray) -> tuple[float, bool]:
+    """``(max |src| over the finite values (0 for none), whether all values are finite)``."""
+    m = _max_abs_raw(src)
+    if np.isfinite(m):
+        return m, True
+    fin = src[np.isfinite(src)]
+    return (float(np.max(np.abs(fin))) if fin.size else 0.0), False
+
+
+def _separable_tables(grid: SourceGrid):
+    return [_tables(grid.axis_coords(d), grid.src_shape[d]) for d in range(3)]
+
+
+def resample_linear(src: np.ndarray, M: np.ndarray, out_shape, out: np.ndarray | None = None,
+                    exact_zeros: bool = True) -> np.ndarray:
+    """Trilinear resampling with border clamp: ``out[c, o] = interp(src[c], p(o))``, float32 result.
 
     ``src`` is ``(C, X, Y, Z)`` (any real dtype); compute is float64. ``out`` (float32, ``(C, *out_shape)``)
-    may be given to write into.
+    may be given to write into. With ``exact_zeros`` (default) the separable path recomputes, with torch's
+    exact arithmetic, every voxel whose value is within rounding noise of 0, so that exactly the voxels MONAI
+    leaves at exactly 0 are 0 here (what a ``nonzero`` normalisation sees). Elsewhere values agree with
+    MONAI's to float64 rounding (bit for bit after the float32 cast except at float32 rounding ties).
     """
     src, out_shape = _check_src(src, out_shape)
     M = _check_M(M)
@@ -136,52 +377,87 @@ def resample_linear(src: np.ndarray, M: np.ndarray, out_shape, out: np.ndarray |
     elif out.shape != full or out.dtype != np.float32:
         raise SpecError(f"out must be float32 of shape {full}, received {out.dtype} {tuple(out.shape)}")
     n = src.shape[1:]
+    grid = SourceGrid(M, n, out_shape)
     if is_diagonal(M):
-        wx = axis_weights(M[0, 0], M[0, 3], out_shape[0], n[0])
-        wy = axis_weights(M[1, 1], M[1, 3], out_shape[1], n[1])
-        wz = axis_weights(M[2, 2], M[2, 3], out_shape[2], n[2])
+        wx, wy, wz = _separable_tables(grid)
+        tol = None
+        if exact_zeros:
+            max_abs, finite = _max_abs(src)
+            tol = max_abs * (_ZERO_TOL + 2.0 * float(grid.coord_bound.sum()))
         step = _slab_rows(out_shape[0], max(n[1] * n[2], out_shape[1] * out_shape[2]), C)
         for a in range(0, out_shape[0], step):
             b = min(a + step, out_shape[0])
-            out[:, a:b] = _rows_linear(src[:, wx[0][a:b]], src[:, wx[1][a:b]], wx[2][a:b], wx[3][a:b], wy, wz)
+            lo, hi = src[:, wx[0][a:b]], src[:, wx[1][a:b]]
+            vals = _rows_linear(lo, hi, wx[2][a:b], wx[3][a:b], wy, wz)
+            if tol is not None:
+                near = np.abs(vals[0]) <= tol
+                for c in range(1, C):
+                    near |= np.abs(vals[c]) <= tol
+                if grid.theta_diagonal and near.any():
+                    # same corners and per-axis weights as torch: where every corner of non-zero weight holds
+                    # 0, torch's sum is exactly 0 as well (0·w and v·0 terms), so only the rest is redone
+                    x0, x1 = (wx[2][a:b] != 0)[:, None, None], (wx[3][a:b] != 0)[:, None, None]
+                    nz = (((lo != 0) & x0) | ((hi != 0) & x1)).any(axis=0)
+                    nz = (nz[:, wy[0], :] & (wy[2] != 0)[:, None]) | (nz[:, wy[1], :] & (wy[3] != 0)[:, None])
+                    near &= (nz[:, :, wz[0]] & (wz[2] != 0)) | (nz[:, :, wz[1]] & (wz[3] != 0))
+                if not finite:  # inf/NaN sources: redo every non-finite result with torch's corner rules
+                    near |= ~np.isfinite(vals).all(axis=0)
+                r, y, z = np.nonzero(near)
+                if r.size and grid.theta_diagonal and finite:
+                    lo_c, hi_c = np.ascontiguousarray(lo), np.ascontiguousarray(hi)
+                    vals[:, r, y, z] = _exact_values_rows(lo_c, hi_c, r, y, z, (wx[2][a:b], wx[3][a:b]), wy, wz)
+                elif r.size:
+                    vals[:, r, y, z] = _exact_values(src, grid.point_coords(r + a, y, z), finite)
+            out[:, a:b] = vals
         return out
-    step = _slab_rows(out_shape[0], out_shape[1] * out_shape[2], 8)
+    finite = bool(np.isfinite(_max_abs_raw(src)))
+    step = _slab_rows(out_shape[0], out_shape[1] * out_shape[2], 8 + C)
+    oy = np.arange(out_shape[1])[None, :, None]
+    oz = np.arange(out_shape[2])[None, None, :]
     for a in range(0, out_shape[0], step):
         b = min(a + step, out_shape[0])
-        p = _general_coords(M, a, b, out_shape, n)
-        i0 = np.floor(p)
-        f = p - i0
-        i0 = i0.astype(np.intp)
-        i1 = [np.minimum(i0[d] + 1, n[d] - 1) for d in range(3)]
-        g = [(1.0 - f[d], f[d]) for d in range(3)]
-        idx = [(i0[d], i1[d]) for d in range(3)]
-        for c in range(C):
-            s = src[c]
-            acc = np.zeros(p.shape[1:], dtype=np.float64)
-            for cx in (0, 1):
-                for cy in (0, 1):
-                    for cz in (0, 1):
-                        w = g[0][cx] * g[1][cy] * g[2][cz]
-                        acc += w * s[idx[0][cx], idx[1][cy], idx[2][cz]]
-            out[c, a:b] = acc
+        out[:, a:b] = _exact_values(src, grid.point_coords(np.arange(a, b)[:, None, None], oy, oz), finite)
     return out
 
 
 def resample_nearest(src: np.ndarray, M: np.ndarray, out_shape) -> np.ndarray:
-    """Nearest-neighbour resampling of ``src (C, X, Y, Z)``, dtype kept (clamp, then round half even)."""
+    """Nearest-neighbour resampling of ``src (C, X, Y, Z)``, dtype kept (torch's coordinate, clamp, rint)."""
     src, out_shape = _check_src(src, out_shape)
     M = _check_M(M)
     n = src.shape[1:]
+    grid = SourceGrid(M, n, out_shape)
     if is_diagonal(M):
-        ix, iy, iz = (_nearest_index(M[d, d], M[d, 3], out_shape[d], n[d]) for d in range(3))
-        return src[:, ix[:, None, None], iy[None, :, None], iz[None, None, :]]
+        p = [grid.axis_coords(d) for d in range(3)]
+        ix, iy, iz = (np.rint(p[d]).astype(np.intp) for d in range(3))
+        out = src[:, ix[:, None, None], iy[None, :, None], iz[None, None, :]]
+        if not grid.theta_diagonal:
+            _fix_nearest_ties(src, grid, p, out)
+        return out
     out = np.empty((src.shape[0], *out_shape), dtype=src.dtype)
     step = _slab_rows(out_shape[0], out_shape[1] * out_shape[2], 3)
+    oy = np.arange(out_shape[1])[None, :, None]
+    oz = np.arange(out_shape[2])[None, None, :]
     for a in range(0, out_shape[0], step):
         b = min(a + step, out_shape[0])
-        p = np.rint(_general_coords(M, a, b, out_shape, n)).astype(np.intp)
-        out[:, a:b] = src[:, p[0], p[1], p[2]]
+        q = np.rint(grid.point_coords(np.arange(a, b)[:, None, None], oy, oz)).astype(np.intp)
+        out[:, a:b] = src[:, q[0], q[1], q[2]]
     return out
+
+
+def _fix_nearest_ties(src: np.ndarray, grid: SourceGrid, p, out: np.ndarray) -> None:
+    """Near-diagonal θ: redo, per voxel and exactly, the planes whose separable coordinate is within the
+    coordinate bound of a .5 tie (elsewhere the exact coordinate rounds the same way)."""
+    shape = grid.out_shape
+    for d in range(3):
+        frac = p[d] - np.floor(p[d])
+        for o in np.nonzero(np.abs(frac - 0.5) <= grid.coord_bound[d])[0]:
+            idx = [np.arange(s) for s in shape]
+            idx[d] = np.array([o])
+            o0, o1, o2 = idx[0][:, None, None], idx[1][None, :, None], idx[2][None, None, :]
+            q = np.rint(grid.point_coords(o0, o1, o2)).astype(np.intp)
+            sl = [slice(None)] * 3
+            sl[d] = slice(int(o), int(o) + 1)
+            out[(slice(None), *sl)] = src[:, q[0], q[1], q[2]]
 
 
 def resample_nearest_labels(labels: np.ndarray, M: np.ndarray, out_shape) -> np.ndarray:
@@ -199,8 +475,12 @@ def _argmax0(x: np.ndarray, dtype) -> np.ndarray:
 
 
 def invert_probabilities_argmax(probs: np.ndarray, M: np.ndarray, out_shape, dtype=np.uint8) -> np.ndarray:
-    """Reference (non-streaming): bilinear resampling of probabilities to float32, then argmax."""
-    return _argmax0(resample_linear(probs, M, out_shape), dtype)
+    """Reference (non-streaming): bilinear resampling of probabilities to float32, then argmax.
+
+    Exact zeros are irrelevant to an argmax, so the separable values are used as they are (no recomputation
+    near 0): this is what :class:`ProbabilityInverter` reproduces bit for bit.
+    """
+    return _argmax0(resample_linear(probs, M, out_shape, exact_zeros=False), dtype)
 
 
 class ProbabilityInverter:
@@ -214,9 +494,9 @@ class ProbabilityInverter:
 
     Only source rows still needed are kept: O(C × (slab + ~2 rows) × Y × Z) memory for a diagonal
     ``M`` with positive axis-0 scale. Values are exactly those of :func:`invert_probabilities_argmax`
-    (same float64 arithmetic per output row, cast to float32, first max wins). A non-diagonal ``M``
-    (sheared input) or a non-positive axis-0 scale falls back to collecting all slabs and inverting
-    at :meth:`finish`.
+    (same coordinates and float64 arithmetic per output row, cast to float32, first max wins). A
+    non-diagonal ``M`` (sheared input) or a non-positive axis-0 scale falls back to collecting all slabs
+    and inverting at :meth:`finish`.
     """
 
     def __init__(self, M: np.ndarray, src_shape, out_shape, num_classes: int, dtype=np.uint8):
@@ -236,10 +516,7 @@ class ProbabilityInverter:
         self._buf_start = 0
         self._collected: list[np.ndarray] = []
         if self._streaming:
-            n = self.src_shape
-            self._wx = axis_weights(self.M[0, 0], self.M[0, 3], self.out_shape[0], n[0])
-            self._wy = axis_weights(self.M[1, 1], self.M[1, 3], self.out_shape[1], n[1])
-            self._wz = axis_weights(self.M[2, 2], self.M[2, 3], self.out_shape[2], n[2])
+            self._wx, self._wy, self._wz = _separable_tables(SourceGrid(self.M, self.src_shape, self.out_shape))
 
     def push(self, x0: int, probs: np.ndarray):
         probs = np.asarray(probs)
