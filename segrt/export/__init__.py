@@ -24,7 +24,7 @@ from segrt.errors import ExportError, SpecError
 from segrt.export.bundle import gaussian_profiles, load_bundle, spec_from_bundle
 from segrt.spec import Spec
 
-__all__ = ["export", "spec_from_bundle", "MODEL_FP32"]
+__all__ = ["export", "spec_from_bundle", "MODEL_FP32", "MODEL_FP16", "MODEL_PLAN"]
 
 log = logging.getLogger(__name__)
 
@@ -222,13 +222,80 @@ def _onnx_source(src: Path, tmp: Path, spec: Spec, gate_samples: int) -> tuple[d
     return entry, report
 
 
+MODEL_FP16 = "model_fp16.onnx"
+MODEL_PLAN = "model.plan"
+
+
+def _extra_variants(tmp: Path, model, spec: Spec, fp32_entry: dict, models: dict, gates: dict, *,
+                    variants, torch_program: bool, tensorrt: bool, gate_samples: int,
+                    trt_timing_cache) -> None:
+    """Write, gate and record the optional fp16 ONNX, torch program and TensorRT plan."""
+    if not ("fp16" in variants or torch_program or tensorrt):
+        return
+    from segrt.export.gate import _run_onnx, _session, gate_seed
+
+    if model is not None:
+        reference, ref_name = model, "torch fp32"
+    else:
+        sess32 = _session(tmp / MODEL_FP32)
+        reference, ref_name = (lambda x: _run_onnx(sess32, x)), "fp32 ONNX (onnxruntime CPU)"
+    io_fields = {k: fp32_entry[k] for k in ("input_name", "output_name", "input_shape", "output_shape",
+                                            "opset") if k in fp32_entry}
+    if "fp16" in variants:
+        from segrt.export.fp16 import export_fp16, gate_fp16
+
+        info = export_fp16(tmp / MODEL_FP32, tmp / MODEL_FP16)
+        digest = sha256_file(tmp / MODEL_FP16)
+        models["fp16"] = {"path": MODEL_FP16, "sha256": digest, "format": "onnx", **io_fields, **info}
+        gates["fp16"] = gate_fp16(reference, tmp / MODEL_FP16, spec, samples=gate_samples,
+                                  seed=gate_seed("fp16", digest), reference_name=ref_name)
+    if torch_program:
+        from segrt.export.torch_program import export_torch_program
+
+        info = export_torch_program(model, tmp, in_channels=spec.in_channels, roi_size=spec.inference.roi_size)
+        digest = sha256_file(tmp / info["path"])
+        models["torch"] = {**info, "sha256": digest}
+        gates["torch"] = {
+            "passed": True, "reference": "torch model", "runtime": "the saved program, reloaded, CPU fp32",
+            "max_abs_logit_diff": info["check_max_abs_diff"], "batch": 2,
+            "note": "checks the saved program computes the model; its fp16 CUDA run (autocast) is compared "
+                    "with ONNX Runtime by the GPU tests of tests/test_backends.py",
+        }
+    if tensorrt:
+        from segrt.engine.backends.tensorrt import TensorRTBackend
+        from segrt.export.fp16 import find_norm_regions, gate_reduced_precision
+        from segrt.export.tensorrt import build_plan
+        import onnx
+
+        fp32_model = onnx.load(str(tmp / MODEL_FP32))
+        names = [n for r in find_norm_regions(fp32_model) for n in r.nodes]
+        info = build_plan(tmp / MODEL_FP32, tmp / MODEL_PLAN, max_batch=spec.inference.sw_batch_size,
+                          in_channels=spec.in_channels, roi_size=spec.inference.roi_size, fp16=True,
+                          fp32_node_names=names, input_name=fp32_entry.get("input_name", "input"),
+                          timing_cache=trt_timing_cache)
+        digest = sha256_file(tmp / MODEL_PLAN)
+        entry = {"path": MODEL_PLAN, "sha256": digest, **info,
+                 "output_name": fp32_entry.get("output_name", "output")}
+        backend = TensorRTBackend(tmp / MODEL_PLAN, entry, spec.in_channels, spec.num_classes,
+                                  spec.inference.roi_size, spec.inference.sw_batch_size)
+        try:
+            gates["tensorrt"] = gate_reduced_precision(
+                reference, backend.infer, spec, samples=gate_samples, seed=gate_seed("tensorrt", digest),
+                batch=min(2, int(info["max_batch"])), what="TensorRT plan",
+                runtime=f"TensorRT {info['tensorrt_version']} on {info['gpu_name']}", reference_name=ref_name)
+        finally:
+            backend.close()
+        models["tensorrt"] = entry
+
+
 # ---------------------------------------------------------------------------------------------
 # public
 # ---------------------------------------------------------------------------------------------
 
 def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: dict | None = None,
            gate_samples: int = 2, force: bool = False, opset: int | None = None, exporter: str = "auto",
-           seed: int = 0) -> Path:
+           seed: int = 0, variants=("fp32",), torch_program: bool = False, tensorrt: bool = False,
+           trt_timing_cache=None) -> Path:
     """Export ``source`` to the artifact directory ``out_dir`` and return its path.
 
     ``source`` is a MONAI bundle directory, a TorchScript file (``torch.jit.load``-able; needs
@@ -242,6 +309,15 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
     true; any other non-empty directory is never touched. ``opset`` (default 18, >= 17) and
     ``exporter`` (``"auto"``: dynamo, TorchScript as fallback) tune the ONNX export; ``seed`` seeds
     the random initialisation.
+
+    Optional extra models (each gated, each recorded in ``models`` and ``gate`` of the manifest):
+    ``variants=("fp32", "fp16")`` adds ``model_fp16.onnx`` (normalisations kept fp32,
+    :mod:`segrt.export.fp16`), gated against the fp32 reference on random and CT-like patches;
+    ``torch_program=True`` adds the torch program of the torch-CUDA backend (``models["torch"]``,
+    :mod:`segrt.export.torch_program`; needs a bundle or TorchScript source); ``tensorrt=True``
+    builds a TensorRT plan for this machine's GPU (``models["tensorrt"]``,
+    :mod:`segrt.export.tensorrt`; needs TensorRT >= 10 and a GPU), with its timing cache at
+    ``trt_timing_cache`` (default ``~/.cache/segrt/tensorrt_timing.cache``).
     """
     from segrt.export.onnx import DEFAULT_OPSET, export_onnx
     from segrt.export.gate import gate_seed, run_gate
@@ -249,9 +325,15 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
     opset = DEFAULT_OPSET if opset is None else int(opset)
     if int(gate_samples) < 1:
         raise ExportError(f"gate_samples must be >= 1, got {gate_samples}")
+    variants = tuple(variants)
+    if "fp32" not in variants or any(v not in ("fp32", "fp16") for v in variants):
+        raise ExportError(f"variants must include 'fp32' and may add 'fp16', got {list(variants)}")
     src = Path(source)
     out = Path(out_dir).absolute()
     kind = _detect_kind(src)
+    if torch_program and kind == "onnx":
+        raise ExportError("torch_program needs a torch source (a bundle or a TorchScript file); an ONNX "
+                          "source has no torch network to save")
     user_spec = _read_spec(spec)
     if kind != "bundle" and user_spec is None:
         raise ExportError(f"a {kind} source ({str(src)!r}) carries no preprocessing/inference settings; "
@@ -313,6 +395,11 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
         else:
             entry, report = _onnx_source(src, tmp, the_spec, int(gate_samples))
             used_opset = entry.get("opset")
+        models = {"fp32": entry}
+        gates = {"fp32": report}
+        _extra_variants(tmp, model, the_spec, entry, models, gates, variants=variants,
+                        torch_program=torch_program, tensorrt=tensorrt, gate_samples=int(gate_samples),
+                        trt_timing_cache=trt_timing_cache)
         manifest = {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -320,8 +407,8 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
             "source": source_info,
             "weights": weights,
             "spec": the_spec.to_dict(),
-            "models": {"fp32": entry},
-            "gate": {"fp32": report},
+            "models": models,
+            "gate": gates,
             "export_seconds": round(time.perf_counter() - t_start, 3),
         }
         write_json_atomic(tmp / MANIFEST, manifest)

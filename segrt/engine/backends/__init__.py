@@ -1,38 +1,108 @@
 """Runtime backends: each turns a batch of patches (B, C, *roi) float32 into logits (B, K, *roi) float32.
 
 Backends follow one lifecycle (after Polygraphy's runners): construct from an artifact's model entry, ``infer``
-many batches, ``close``; usable as context managers. Heavy libraries are imported only inside the backend that
-needs them. ``select_backend`` implements ``device="auto"`` and says what it picked and why.
+many batches, ``close``; usable as context managers. Heavy libraries (torch, tensorrt) are imported only inside
+the backend that needs them. Each backend has ``name``, ``device`` (``"cpu"`` / ``"cuda"``) and ``threads``
+(``None`` on the GPU); GPU backends also have ``infer_torch(tensor) -> tensor`` (data stays on the device).
+
+``select_backend`` implements ``device="auto"``: a valid TensorRT plan → ONNX Runtime CUDA → torch CUDA →
+ONNX Runtime CPU, and says what it picked and why each faster candidate was rejected.
 """
 
 from __future__ import annotations
 
 import logging
 
-from segrt.errors import BackendUnavailable
+from segrt.errors import ArtifactError, BackendUnavailable
 from segrt.engine.backends.base import Backend
 from segrt.engine.backends.ort_cpu import OrtCpuBackend
 
-__all__ = ["Backend", "OrtCpuBackend", "select_backend", "DEVICES"]
+__all__ = ["Backend", "OrtCpuBackend", "select_backend", "DEVICES", "GPU_ORDER"]
 
 log = logging.getLogger("segrt")
 
-DEVICES = ("auto", "cpu")
+DEVICES = ("auto", "cpu", "cuda", "tensorrt", "ort-cuda", "torch-cuda")
+GPU_ORDER = ("tensorrt", "ort-cuda", "torch-cuda")
+VARIANTS = (None, "fp32", "fp16")
 
 
-def select_backend(artifact, device: str = "auto", variant: str = "fp32", threads: int | None = None):
-    """Pick and construct a backend for ``artifact``.
+def _onnx_variant(artifact, variant):
+    """The ONNX model a GPU ORT session runs: the asked one, else fp16 when the artifact has it."""
+    if variant is not None:
+        return variant
+    return "fp16" if "fp16" in artifact.variants else "fp32"
 
-    ``device="cpu"`` forces ONNX Runtime on the CPU. ``device="auto"`` tries the GPU backends in order of speed
-    (none are built into this release yet: they come with the GPU path) and falls back to ONNX Runtime CPU,
-    logging the reason for each choice. Returns ``(backend, reason)``.
+
+def _make(kind: str, artifact, variant, threads):
+    """Construct one backend or raise BackendUnavailable with the reason."""
+    if kind == "tensorrt":
+        if "tensorrt" not in artifact.variants:
+            raise BackendUnavailable("the artifact has no TensorRT plan")
+        entry = artifact.model_entry("tensorrt")
+        if variant == "fp32" and str(entry.get("precision", "")).startswith("fp16"):
+            raise BackendUnavailable("the TensorRT plan is fp16 and variant='fp32' was asked for")
+        from segrt.engine.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend.from_artifact(artifact)
+    if kind == "ort-cuda":
+        from segrt.engine.backends.ort_cuda import OrtCudaBackend
+
+        return OrtCudaBackend.from_artifact(artifact, variant=_onnx_variant(artifact, variant))
+    if kind == "torch-cuda":
+        from segrt.engine.backends.torch_cuda import TorchCudaBackend
+
+        return TorchCudaBackend.from_artifact(artifact, device="cuda", fp16=variant != "fp32")
+    if kind == "cpu":
+        return OrtCpuBackend.from_artifact(artifact, variant=variant or "fp32", threads=threads)
+    raise BackendUnavailable(f"unknown backend {kind!r}")
+
+
+def _describe(backend) -> str:
+    extra = f", {backend.threads} threads" if getattr(backend, "threads", None) else ""
+    return f"{backend.name} on {getattr(backend, 'device', 'cpu')}{extra}"
+
+
+def select_backend(artifact, device: str = "auto", variant: str | None = None, threads: int | None = None):
+    """Pick and construct a backend for ``artifact``; return ``(backend, reason)``.
+
+    ``device``: ``"cpu"`` (ONNX Runtime CPU), ``"tensorrt"`` / ``"ort-cuda"`` / ``"torch-cuda"`` (that backend
+    or :class:`BackendUnavailable` with the reason), ``"cuda"`` (the fastest GPU backend that works, or
+    BackendUnavailable listing why each failed), ``"auto"`` (the fastest GPU backend that works, else the CPU).
+    ``variant``: ``None`` lets each backend take its precision (fp16 on the GPU when the artifact has it, fp32
+    ONNX on the CPU); ``"fp32"`` / ``"fp16"`` ask for that precision everywhere (ONNX variant on ORT, autocast on
+    or off for torch-CUDA; an fp16 TensorRT plan is refused for ``"fp32"``).
     """
     if device not in DEVICES:
         raise BackendUnavailable(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
-    if device == "auto":
-        reason = "device=auto: no GPU backend is available in this build, using ONNX Runtime on the CPU"
-    else:
-        reason = "device=cpu: ONNX Runtime on the CPU"
-    backend = OrtCpuBackend.from_artifact(artifact, variant=variant, threads=threads)
-    log.info("segrt: %s (%s, %d threads)", reason, backend.name, backend.threads)
+    if variant not in VARIANTS and variant not in artifact.variants:
+        raise BackendUnavailable(f"unknown variant {variant!r}; expected fp32, fp16 or None (the backend's "
+                                 f"choice)")
+    if device in ("cpu",) + GPU_ORDER:
+        try:
+            backend = _make(device, artifact, variant, threads)
+        except ArtifactError as exc:
+            raise BackendUnavailable(f"device={device}: {exc}") from None
+        reason = f"device={device}: {_describe(backend)}"
+        log.info("segrt: %s", reason)
+        return backend, reason
+
+    rejected: list[str] = []
+    for kind in GPU_ORDER:
+        try:
+            backend = _make(kind, artifact, variant, threads)
+        except (BackendUnavailable, ArtifactError) as exc:
+            msg = str(exc)
+            rejected.append(msg if msg.startswith(f"{kind}:") else f"{kind}: {msg}")
+            log.info("segrt: device=%s: not %s: %s", device, kind, exc)
+            continue
+        reason = f"device={device}: picked {_describe(backend)}"
+        if rejected:
+            reason += " (rejected " + "; ".join(rejected) + ")"
+        log.info("segrt: %s", reason)
+        return backend, reason
+    if device == "cuda":
+        raise BackendUnavailable("device=cuda: no GPU backend can run here: " + "; ".join(rejected))
+    backend = _make("cpu", artifact, variant, threads)
+    reason = f"device=auto: picked {_describe(backend)} (rejected " + "; ".join(rejected) + ")"
+    log.info("segrt: %s", reason)
     return backend, reason

@@ -46,6 +46,7 @@ def physical_cores() -> int:
 
 class OrtCpuBackend(Backend):
     name = "ort-cpu"
+    device = "cpu"
 
     def __init__(self, model_path, in_channels, num_classes, roi_size, max_batch,
                  input_name="input", output_name="output", threads: int | None = None):
