@@ -60,12 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--override", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
                    help="bundle config override, e.g. displayable_configs#highres=false (repeatable)")
     e.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+    e.add_argument("--fp16", action="store_true",
+                   help="also write an fp16 ONNX (normalisation layers kept fp32), gated against fp32")
+    e.add_argument("--torch-program", action="store_true",
+                   help="also write a torch program (torch.export) for the torch-CUDA backend")
+    e.add_argument("--tensorrt", action="store_true",
+                   help="also build a TensorRT plan (needs TensorRT >= 10 and a GPU; not verified on real TensorRT)")
+    e.add_argument("--trt-timing-cache", default=None, help="TensorRT timing cache file")
 
     r = sub.add_parser("run", help="segment a NIfTI volume with an artifact")
     r.add_argument("artifact", help="artifact directory written by 'segrt export'")
     r.add_argument("input", help="input image (.nii / .nii.gz)")
     r.add_argument("-o", "--output", required=True, help="output label image (.nii / .nii.gz)")
-    r.add_argument("--device", default="auto", choices=["auto", "cpu"], help="where to run (default: auto)")
+    r.add_argument("--device", default="auto",
+                   choices=["auto", "cpu", "cuda", "tensorrt", "ort-cuda", "torch-cuda"],
+                   help="where to run (default: auto = TensorRT → ORT-CUDA → torch-CUDA → ORT-CPU)")
+    r.add_argument("--variant", default=None, choices=["fp32", "fp16"],
+                   help="model precision (default: fp16 on a GPU when the artifact has it, fp32 on the CPU)")
     r.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     r.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -98,27 +109,33 @@ def print_timings(timings: dict, out=sys.stdout) -> None:
 def cmd_export(a) -> int:
     from segrt.export import export
 
+    variants = ("fp32", "fp16") if a.fp16 else ("fp32",)
     out = export(a.source, a.output, spec=a.spec, random_init=a.random_init,
-                 overrides=dict(a.override) or None, force=a.force)
+                 overrides=dict(a.override) or None, force=a.force, variants=variants,
+                 torch_program=a.torch_program, tensorrt=a.tensorrt, trt_timing_cache=a.trt_timing_cache)
     from segrt.artifact import Artifact
 
     art = Artifact.load(out)
     if art.random_weights:
         print("segrt: warning: the artifact holds RANDOM weights (--random-init); its labels are meaningless",
               file=sys.stderr)
-    gate = art.manifest.get("gate", {}).get("fp32", {})
     print(f"wrote artifact {out}")
-    if gate:
-        print(f"  gate fp32: {'passed' if gate.get('passed') else 'FAILED'}  "
-              f"max |Δlogit| {gate.get('max_abs_logit_diff', float('nan')):.2e}  "
-              f"argmax agreement {gate.get('argmax_agreement', float('nan')):.6f}")
+    for variant, gate in art.manifest.get("gate", {}).items():
+        parts = [gate] + [gate[k] for k in ("random", "ct_like") if isinstance(gate.get(k), dict)]
+        for g in parts:
+            label = variant if g is gate else f"{variant} ({'random' if g is gate.get('random') else 'CT-like'})"
+            if "max_abs_logit_diff" not in g:
+                continue
+            print(f"  gate {label}: {'passed' if gate.get('passed') else 'FAILED'}  "
+                  f"max |Δlogit| {g.get('max_abs_logit_diff', float('nan')):.2e}  "
+                  f"argmax agreement {g.get('argmax_agreement', float('nan')):.6f}")
     return 0
 
 
 def cmd_run(a) -> int:
     from segrt.engine.engine import Engine
 
-    with Engine.load(a.artifact, device=a.device, threads=a.threads) as eng:
+    with Engine.load(a.artifact, device=a.device, variant=a.variant, threads=a.threads) as eng:
         seg = eng.segment(a.input, output=a.output, progress=None if not a.quiet else False)
         seg.timings["load"] += getattr(eng, "load_seconds", 0.0)
     if a.json:

@@ -91,22 +91,32 @@ def _softmax_inplace(x: np.ndarray) -> np.ndarray:
 class Engine:
     """A loaded artifact and its backend. Create with :meth:`Engine.load`."""
 
-    def __init__(self, artifact: Artifact, backend, reason: str):
+    def __init__(self, artifact: Artifact, backend, reason: str, accum_dtype: str | None = None):
         self.artifact = artifact
         self.spec = artifact.spec
         self.backend = backend
         self.backend_reason = reason
+        self.device = getattr(backend, "device", "cpu")
+        self.accum_dtype = accum_dtype
+        self._gpu_pipeline = None
+        self.load_seconds = 0.0
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "auto", variant: str = "fp32",
-             threads: int | None = None) -> "Engine":
+    def load(cls, path: str | os.PathLike, device: str = "auto", variant: str | None = None,
+             threads: int | None = None, accum_dtype: str | None = None) -> "Engine":
+        """Load an artifact and pick a backend (``device``: auto, cpu, cuda, tensorrt, ort-cuda, torch-cuda).
+
+        ``variant``: None lets the backend choose (fp16 on a GPU when the artifact has it, fp32 on the CPU).
+        ``accum_dtype``: stitching accumulator of the GPU pipeline, "float16" (default on CUDA: halves the
+        K × roi_x × Y × Z ring, as MONAI's AMP weights fp16 outputs in fp16) or "float32".
+        """
         t0 = time.perf_counter()
         artifact = Artifact.load(path)
         if artifact.random_weights:
             log.warning("segrt: warning: artifact %s holds RANDOM weights (exported with --random-init): "
                         "its labels are meaningless", path)
         backend, reason = select_backend(artifact, device=device, variant=variant, threads=threads)
-        eng = cls(artifact, backend, reason)
+        eng = cls(artifact, backend, reason, accum_dtype=accum_dtype)
         eng.load_seconds = time.perf_counter() - t0
         return eng
 
@@ -151,6 +161,9 @@ class Engine:
         t0 = time.perf_counter()
         vol = self._as_volume(source, affine)
         timings["load"] = time.perf_counter() - t0
+
+        if self.device == "cuda" and hasattr(self.backend, "infer_torch"):
+            return self._segment_on_device(vol, timings, output, return_probabilities)
 
         t0 = time.perf_counter()
         image, record = pp.preprocess(vol, spec.preprocessing)
@@ -216,10 +229,36 @@ class Engine:
         seg = Segmentation(
             labels=labels, affine=vol.affine.copy(), class_names=dict(spec.class_names), timings=timings,
             source=vol, probabilities=probs_full,
-            metadata={"backend": self.backend.name, "backend_reason": self.backend_reason,
+            metadata={"backend": self.backend.name, "backend_reason": self.backend_reason, "device": self.device,
                       "windows": plan.n_windows, "preprocessed_shape": list(res_shape),
                       "random_weights": self.artifact.random_weights},
         )
+        if output is not None:
+            seg.save(output)
+        return seg
+
+    def _segment_on_device(self, vol: Volume, timings: dict, output, return_probabilities: bool) -> Segmentation:
+        """The whole pipeline on the GPU (segrt.engine.gpu.TorchPipeline); only labels come back to the host."""
+        import torch
+
+        from segrt.engine.gpu import TorchPipeline
+
+        if self._gpu_pipeline is None:
+            accum = getattr(torch, self.accum_dtype or "float16")
+            where = getattr(self.backend, "torch_device", "cuda")
+            self._gpu_pipeline = TorchPipeline(self.spec, self.backend.infer_torch, where, accum_dtype=accum)
+        res = self._gpu_pipeline.segment(vol, return_probabilities=return_probabilities)
+        t = res.timings
+        timings["preprocess"] = t.get("upload", 0.0) + t.get("preprocess", 0.0)
+        timings["infer"] = t.get("infer", 0.0)
+        timings["stitch"] = t.get("stitch", 0.0)
+        timings["invert"] = t.get("invert", 0.0) + t.get("download", 0.0)
+        meta = {k: v for k, v in res.metadata.items() if k != "probabilities"}
+        meta.update({"backend": self.backend.name, "backend_reason": self.backend_reason, "device": self.device,
+                     "random_weights": self.artifact.random_weights})
+        seg = Segmentation(labels=res.labels, affine=vol.affine.copy(), class_names=dict(self.spec.class_names),
+                           timings=timings, source=vol, metadata=meta,
+                           probabilities=res.metadata.get("probabilities"))
         if output is not None:
             seg.save(output)
         return seg
