@@ -73,9 +73,14 @@ class Segmentation:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the labels as NIfTI on the input grid (atomic: temporary name, then rename)."""
         t0 = time.perf_counter()
-        save_labels(self.labels, self.affine, path, like=self.source)
+        save_labels(self.labels, self.affine, path, like=self.source, descrip=self.metadata.get("descrip"))
         self.timings["write"] = time.perf_counter() - t0
         return Path(path)
+
+
+def _fmt_overlap(ov) -> str:
+    ov = [float(o) for o in ov]
+    return f"{ov[0]:g}" if len(set(ov)) == 1 else ",".join(f"{o:g}" for o in ov)
 
 
 def _softmax_inplace(x: np.ndarray) -> np.ndarray:
@@ -100,15 +105,21 @@ class Engine:
         self.accum_dtype = accum_dtype
         self._gpu_pipeline = None
         self.load_seconds = 0.0
+        self.overlap_overridden = False
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", variant: str | None = None,
-             threads: int | None = None, accum_dtype: str | None = None) -> "Engine":
+             threads: int | None = None, accum_dtype: str | None = None,
+             overlap=None) -> "Engine":
         """Load an artifact and pick a backend (``device``: auto, cpu, cuda, tensorrt, ort-cuda, torch-cuda).
 
         ``variant``: None lets the backend choose (fp16 on a GPU when the artifact has it, fp32 on the CPU).
         ``accum_dtype``: stitching accumulator of the GPU pipeline, "float16" (default on CUDA: halves the
         K × roi_x × Y × Z ring, as MONAI's AMP weights fp16 outputs in fp16) or "float32".
+        ``overlap``: replaces the artifact's sliding-window overlap (a number in [0, 1), or one per axis) —
+        fewer windows, different numbers; never silent: logged as a warning and recorded in every
+        segmentation's metadata (``overlap``, ``overlap_overridden``, ``artifact_overlap``) and in the
+        written NIfTI header's ``descrip``.
         """
         t0 = time.perf_counter()
         artifact = Artifact.load(path)
@@ -117,8 +128,36 @@ class Engine:
                         "its labels are meaningless", path)
         backend, reason = select_backend(artifact, device=device, variant=variant, threads=threads)
         eng = cls(artifact, backend, reason, accum_dtype=accum_dtype)
+        if overlap is not None:
+            eng._override_overlap(overlap)
         eng.load_seconds = time.perf_counter() - t0
         return eng
+
+    def _override_overlap(self, overlap) -> None:
+        import dataclasses
+
+        from segrt.errors import SpecError
+        from segrt.spec import _triple
+
+        if isinstance(overlap, bool):
+            raise SpecError(f"overlap must be a number in [0, 1) or three of them, got {overlap!r}")
+        new = _triple(overlap, "overlap")
+        inf = self.spec.inference
+        self.spec = dataclasses.replace(self.spec, inference=dataclasses.replace(inf, overlap=new))
+        self.overlap_overridden = new != tuple(inf.overlap)
+        if self.overlap_overridden:
+            log.warning("segrt: warning: sliding-window overlap %s replaces the artifact's %s: other windows "
+                        "than the exported (MONAI) pipeline, so results differ from it", _fmt_overlap(new),
+                        _fmt_overlap(inf.overlap))
+
+    def _overlap_metadata(self) -> dict:
+        cur = tuple(self.spec.inference.overlap)
+        art = tuple(self.artifact.spec.inference.overlap)
+        meta = {"overlap": list(cur), "overlap_overridden": bool(self.overlap_overridden),
+                "artifact_overlap": list(art)}
+        if meta["overlap_overridden"]:
+            meta["descrip"] = f"segrt overlap={_fmt_overlap(cur)} (artifact {_fmt_overlap(art)})"
+        return meta
 
     def close(self):
         self.backend.close()
@@ -231,7 +270,7 @@ class Engine:
             source=vol, probabilities=probs_full,
             metadata={"backend": self.backend.name, "backend_reason": self.backend_reason, "device": self.device,
                       "windows": plan.n_windows, "preprocessed_shape": list(res_shape),
-                      "random_weights": self.artifact.random_weights},
+                      "random_weights": self.artifact.random_weights, **self._overlap_metadata()},
         )
         if output is not None:
             seg.save(output)
@@ -246,7 +285,8 @@ class Engine:
         if self._gpu_pipeline is None:
             accum = getattr(torch, self.accum_dtype or "float16")
             where = getattr(self.backend, "torch_device", "cuda")
-            self._gpu_pipeline = TorchPipeline(self.spec, self.backend.infer_torch, where, accum_dtype=accum)
+            self._gpu_pipeline = TorchPipeline(self.spec, self.backend.infer_torch, where, accum_dtype=accum,
+                                               batch_size=self.backend.max_batch)
         res = self._gpu_pipeline.segment(vol, return_probabilities=return_probabilities)
         t = res.timings
         timings["preprocess"] = t.get("upload", 0.0) + t.get("preprocess", 0.0)
@@ -255,7 +295,7 @@ class Engine:
         timings["invert"] = t.get("invert", 0.0) + t.get("download", 0.0)
         meta = {k: v for k, v in res.metadata.items() if k != "probabilities"}
         meta.update({"backend": self.backend.name, "backend_reason": self.backend_reason, "device": self.device,
-                     "random_weights": self.artifact.random_weights})
+                     "random_weights": self.artifact.random_weights, **self._overlap_metadata()})
         seg = Segmentation(labels=res.labels, affine=vol.affine.copy(), class_names=dict(self.spec.class_names),
                            timings=timings, source=vol, metadata=meta,
                            probabilities=res.metadata.get("probabilities"))

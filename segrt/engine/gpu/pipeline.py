@@ -60,7 +60,8 @@ class TorchPipeline:
 
     def __init__(self, spec: Spec, infer_torch: Callable[[torch.Tensor], torch.Tensor], device,
                  accum_dtype: torch.dtype = torch.float32, resample_dtype: torch.dtype = torch.float64,
-                 use_triton: bool | None = None, upload_chunk_bytes: int = 64 << 20):
+                 use_triton: bool | None = None, upload_chunk_bytes: int = 64 << 20,
+                 batch_size: int | None = None):
         if not isinstance(spec, Spec):
             raise SpecError(f"expected a segrt.spec.Spec, received {type(spec).__name__}")
         if not callable(infer_torch):
@@ -73,6 +74,7 @@ class TorchPipeline:
         self.accum_dtype = accum_dtype
         self.resample_dtype = resample_dtype
         self.use_triton = use_triton
+        self.batch_size = batch_size  # windows per network call (default: the spec's sw_batch_size)
         self.uploader = gpp.Uploader(self.device, upload_chunk_bytes)
         self.label_dtype = np.dtype(spec.label_dtype)
         # int16 on the device for > 256 classes (torch's uint16 lacks kernels); read back as uint16
@@ -140,7 +142,8 @@ class TorchPipeline:
             K = spec.num_classes
             post = spec.postprocessing
             tok = timer.start("stitch")
-            stitcher = TorchStitcher(image, spec.inference, self.infer_torch, K, self.accum_dtype)
+            stitcher = TorchStitcher(image, spec.inference, self.infer_torch, K, self.accum_dtype,
+                                     batch_size=self.batch_size)
             infer_tok = [None]
 
             def on_infer(begin: bool):  # split the loop's time into network calls and the rest

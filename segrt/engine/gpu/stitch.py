@@ -39,7 +39,8 @@ class TorchStitcher:
     """
 
     def __init__(self, image: torch.Tensor, spec: InferenceSpec, infer: Callable, num_classes: int,
-                 accum_dtype: torch.dtype = torch.float32, chunk_bytes: int = _FINAL_CHUNK_BYTES):
+                 accum_dtype: torch.dtype = torch.float32, chunk_bytes: int = _FINAL_CHUNK_BYTES,
+                 batch_size: int | None = None):
         if not isinstance(spec, InferenceSpec):
             raise SpecError(f"spec must be an InferenceSpec, got {type(spec).__name__}")
         if image.dim() != 4 or image.dtype != torch.float32:
@@ -67,7 +68,12 @@ class TorchStitcher:
         self.weight = torch.as_tensor(w, device=self.device)
         self.acc = torch.zeros((self.k, roi[0], yp, zp), dtype=accum_dtype, device=self.device)
         self.count = torch.zeros((roi[0], yp, zp), dtype=torch.float32, device=self.device)
-        bsz = int(spec.sw_batch_size)
+        # Windows per network call. MONAI batches by sw_batch_size; any batch size gives the same stitched result
+        # (windows are independent and are still weighted and added one by one in MONAI's order), and on a GPU a
+        # larger batch is far cheaper per window (SegResNet 96³ fp16 on an H200: 20.8 ms at batch 1, 33.9 ms at 4).
+        bsz = int(batch_size or spec.sw_batch_size)
+        if bsz < 1:
+            raise SpecError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_in = torch.empty((bsz, image.shape[0], *roi), dtype=torch.float32, device=self.device)
         self._weighted: dict[torch.dtype, torch.Tensor] = {}
         y, z = self.plan.spatial_shape[1:]
