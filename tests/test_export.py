@@ -458,18 +458,52 @@ class TinyNet(torch.nn.Module):
 '''
 
 
-def _scripts_bundle(tmp_path, with_scripts: bool) -> Path:
+def _scripts_bundle(tmp_path, with_scripts: bool, code: str = _TINY_NET, name: str = "bundle") -> Path:
     def edit(cfg):
         cfg["network_def"] = {"_target_": "scripts.networks.tiny.TinyNet", "in_channels": 1, "out_channels": 6}
         cfg["inferer"]["roi_size"] = [16, 16, 16]
 
-    b = _copy_bundle(SMALL, tmp_path / "bundle", edit)
+    b = _copy_bundle(SMALL, tmp_path / name, edit)
     if with_scripts:
         (b / "scripts" / "networks").mkdir(parents=True)
         (b / "scripts" / "__init__.py").write_text("")
         (b / "scripts" / "networks" / "__init__.py").write_text("")
-        (b / "scripts" / "networks" / "tiny.py").write_text(_TINY_NET)
+        (b / "scripts" / "networks" / "tiny.py").write_text(code)
     return b
+
+
+def test_bundle_scripts_do_not_leak_into_later_exports(tmp_path):
+    """Two bundles whose network code has the same module name: each export builds its own bundle's network."""
+    import sys
+
+    import onnx
+
+    # same module path and class name, another architecture (1x1x1 kernel, two layers)
+    other_code = _TINY_NET.replace("self.conv = torch.nn.Conv3d(in_channels, out_channels, 3, padding=1)",
+                                   "self.conv = torch.nn.Sequential(torch.nn.Conv3d(in_channels, 5, 1), "
+                                   "torch.nn.Conv3d(5, out_channels, 1))")
+    assert other_code != _TINY_NET
+    a = _scripts_bundle(tmp_path, True, name="a")
+    b = _scripts_bundle(tmp_path, True, other_code, name="b")
+
+    def weight_shapes(art):
+        m = onnx.load(str(Path(art) / "model_fp32.onnx"))
+        return sorted(tuple(i.dims) for i in m.graph.initializer if len(i.dims) == 5)
+
+    with pytest.warns(UserWarning, match="RANDOM"):
+        art_a = export(a, tmp_path / "art_a", random_init=True, gate_samples=1)
+    assert not any(n == "scripts" or n.startswith("scripts.") for n in sys.modules
+                   if str(getattr(sys.modules[n], "__file__", "") or "").startswith(str(tmp_path)))
+    with pytest.warns(UserWarning, match="RANDOM"):
+        art_b = export(b, tmp_path / "art_b", random_init=True, gate_samples=1)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        art_a2 = export(a, tmp_path / "art_a2", random_init=True, gate_samples=1)
+    assert weight_shapes(art_a) == [(6, 1, 3, 3, 3)]
+    assert weight_shapes(art_b) == [(5, 1, 1, 1, 1), (6, 5, 1, 1, 1)]
+    assert weight_shapes(art_a2) == [(6, 1, 3, 3, 3)]
+    assert not any(str(tmp_path) in p for p in sys.path)
+    # nothing of either bundle stays importable or imported
+    assert not any(str(getattr(m, "__file__", "") or "").startswith(str(tmp_path)) for m in list(sys.modules.values()))
 
 
 def test_bundle_missing_scripts_fixture(tmp_path):

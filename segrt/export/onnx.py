@@ -14,6 +14,19 @@ wholeBody SegResNet (32, 105)  12.7 s          -
 Accuracy is the same for both: the 64³ SegResNet gave a bit-identical ORT-vs-torch report (max
 1.6e-5, mean 1.4e-6) with either exporter.
 
+Transformers (133 output channels, random weights, gate passed with either exporter):
+
+============================================  ==============  ==================
+UNETR (hidden 192, feature 16, 64³)            9.7-15 s        4.1 s (32³)
+SwinUNETR (feature 12, depths 2,2,2,2, 64³)    77-139 s        33 s
+SwinUNETR (feature 12, depths 2,1,1,1, 64³)    35 s            -
+============================================  ==============  ==================
+
+Both need ``einops`` (monai's ViT and Swin blocks import it through ``optional_import``; without it *both*
+exporters fail with ``OptionalImportError``, so it is in the ``export`` extra). SwinUNETR needs a roi that is
+a multiple of 32 and at least 64 (at 32³ its deepest stage is 1 voxel and InstanceNorm raises in either
+exporter). Dynamo's time grows with the number of attention blocks; ORT-vs-torch max |Δlogit| ~1e-5.
+
 Both exporters succeed for SegResNet and UNet. We use the **dynamo** exporter first because it is the
 exporter torch maintains (the default since torch 2.9; the TorchScript-based one is deprecated and
 slated for removal), so artifacts keep exporting on future torch versions; its extra seconds do not
