@@ -379,7 +379,8 @@ def test_gpu_real_tensorrt(tmp_path):
 
 
 def test_select_backend_devices_are_listed():
-    assert bk.DEVICES == ("auto", "cpu", "cuda", "tensorrt", "ort-cuda", "torch-cuda")
+    assert bk.DEVICES == ("auto", "cpu", "cuda", "tensorrt", "ort-cuda", "torch-cuda", "ort-cpu", "openvino")
+    assert bk.CPU_ORDER == ("openvino-bf16",)
     assert bk.GPU_ORDER == ("tensorrt", "ort-cuda", "torch-cuda")
 
 

@@ -295,7 +295,7 @@ def _extra_variants(tmp: Path, model, spec: Spec, fp32_entry: dict, models: dict
 def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: dict | None = None,
            gate_samples: int = 2, force: bool = False, opset: int | None = None, exporter: str = "auto",
            seed: int = 0, variants=("fp32",), torch_program: bool = False, tensorrt: bool = False,
-           trt_timing_cache=None) -> Path:
+           trt_timing_cache=None, cpu_variants=()) -> Path:
     """Export ``source`` to the artifact directory ``out_dir`` and return its path.
 
     ``source`` is a MONAI bundle directory, a TorchScript file (``torch.jit.load``-able; needs
@@ -318,6 +318,9 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
     builds a TensorRT plan for this machine's GPU (``models["tensorrt"]``,
     :mod:`segrt.export.tensorrt`; needs TensorRT >= 10 and a GPU), with its timing cache at
     ``trt_timing_cache`` (default ``~/.cache/segrt/tensorrt_timing.cache``).
+    ``cpu_variants=("openvino-bf16",)`` records reduced-precision CPU variants, each gated against ONNX
+    Runtime fp32 (per-class Dice on CT-like patches, :mod:`segrt.export.cpu_variants`); a variant that fails
+    its gate is recorded with the reason and refused at run time.
     """
     from segrt.export.onnx import DEFAULT_OPSET, export_onnx
     from segrt.export.gate import gate_seed, run_gate
@@ -328,6 +331,9 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
     variants = tuple(variants)
     if "fp32" not in variants or any(v not in ("fp32", "fp16") for v in variants):
         raise ExportError(f"variants must include 'fp32' and may add 'fp16', got {list(variants)}")
+    cpu_variants = (cpu_variants,) if isinstance(cpu_variants, str) else tuple(cpu_variants or ())
+    if any(v not in ("openvino-bf16",) for v in cpu_variants):
+        raise ExportError(f"cpu_variants may hold 'openvino-bf16', got {list(cpu_variants)}")
     src = Path(source)
     out = Path(out_dir).absolute()
     kind = _detect_kind(src)
@@ -400,6 +406,11 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
         _extra_variants(tmp, model, the_spec, entry, models, gates, variants=variants,
                         torch_program=torch_program, tensorrt=tensorrt, gate_samples=int(gate_samples),
                         trt_timing_cache=trt_timing_cache)
+        if cpu_variants:
+            from segrt.export.cpu_variants import add_cpu_variants
+
+            add_cpu_variants(tmp, the_spec, entry, models, gates, tuple(cpu_variants), samples=int(gate_samples),
+                             seed=gate_seed("cpu", entry["sha256"]))
         manifest = {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -6,7 +6,9 @@ the backend that needs them. Each backend has ``name``, ``device`` (``"cpu"`` / 
 (``None`` on the GPU); GPU backends also have ``infer_torch(tensor) -> tensor`` (data stays on the device).
 
 ``select_backend`` implements ``device="auto"``: a valid TensorRT plan → ONNX Runtime CUDA → torch CUDA →
-ONNX Runtime CPU, and says what it picked and why each faster candidate was rejected.
+the CPU, and says what it picked and why each faster candidate was rejected. On the CPU (``"cpu"``, and
+``"auto"`` without a GPU) it takes the artifact's best CPU variant whose export-time gate passed
+(``CPU_ORDER``: OpenVINO bf16) and falls back to ONNX Runtime fp32, logging why.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from segrt.errors import ArtifactError, BackendUnavailable
 from segrt.engine.backends.base import Backend
 from segrt.engine.backends.ort_cpu import OrtCpuBackend
 
-__all__ = ["Backend", "OrtCpuBackend", "select_backend", "DEVICES", "GPU_ORDER"]
+__all__ = ["Backend", "OrtCpuBackend", "select_backend", "DEVICES", "GPU_ORDER", "CPU_ORDER"]
 
 log = logging.getLogger("segrt")
 
-DEVICES = ("auto", "cpu", "cuda", "tensorrt", "ort-cuda", "torch-cuda")
+DEVICES = ("auto", "cpu", "cuda", "tensorrt", "ort-cuda", "torch-cuda", "ort-cpu", "openvino")
 GPU_ORDER = ("tensorrt", "ort-cuda", "torch-cuda")
+#: reduced-precision CPU variants, fastest first; each is used only if its export-time gate passed
+CPU_ORDER = ("openvino-bf16",)
 VARIANTS = (None, "fp32", "fp16")
 
 
@@ -52,9 +56,41 @@ def _make(kind: str, artifact, variant, threads):
         from segrt.engine.backends.torch_cuda import TorchCudaBackend
 
         return TorchCudaBackend.from_artifact(artifact, device="cuda", fp16=variant != "fp32")
-    if kind == "cpu":
+    if kind in ("cpu", "ort-cpu"):
+        if variant in CPU_ORDER:
+            raise BackendUnavailable(f"{variant} is an OpenVINO variant; ONNX Runtime runs fp32 or fp16")
         return OrtCpuBackend.from_artifact(artifact, variant=variant or "fp32", threads=threads)
+    if kind == "openvino":
+        from segrt.engine.backends.openvino_cpu import OpenVinoCpuBackend
+
+        if variant not in (None, "fp32") + CPU_ORDER:
+            raise BackendUnavailable(f"OpenVINO runs the fp32 ONNX (variant 'fp32') or a gated CPU variant "
+                                     f"({', '.join(CPU_ORDER)}), not {variant!r}")
+        return OpenVinoCpuBackend.from_artifact(artifact, variant="openvino-fp32" if variant in (None, "fp32")
+                                                else variant, threads=threads)
     raise BackendUnavailable(f"unknown backend {kind!r}")
+
+
+def _cpu_choice(device: str, artifact, variant, threads, rejected: list[str]):
+    """The CPU backend: with ``variant=None`` the best gated CPU variant, else ONNX Runtime fp32.
+
+    Appends to ``rejected`` why each CPU variant of the artifact was not taken (and logs it).
+    """
+    if variant is None:
+        for kind in CPU_ORDER:
+            if kind not in artifact.variants:
+                continue
+            try:
+                from segrt.engine.backends.openvino_cpu import OpenVinoCpuBackend
+
+                return OpenVinoCpuBackend.from_artifact(artifact, variant=kind, threads=threads)
+            except (BackendUnavailable, ArtifactError) as exc:
+                msg = str(exc)
+                rejected.append(msg if msg.startswith(f"{kind}:") else f"{kind}: {msg}")
+                log.info("segrt: device=%s: not %s: %s", device, kind, exc)
+    elif variant in CPU_ORDER:
+        return _make("openvino", artifact, variant, threads)
+    return _make("cpu", artifact, variant, threads)
 
 
 def _describe(backend) -> str:
@@ -65,19 +101,49 @@ def _describe(backend) -> str:
 def select_backend(artifact, device: str = "auto", variant: str | None = None, threads: int | None = None):
     """Pick and construct a backend for ``artifact``; return ``(backend, reason)``.
 
-    ``device``: ``"cpu"`` (ONNX Runtime CPU), ``"tensorrt"`` / ``"ort-cuda"`` / ``"torch-cuda"`` (that backend
-    or :class:`BackendUnavailable` with the reason), ``"cuda"`` (the fastest GPU backend that works, or
-    BackendUnavailable listing why each failed), ``"auto"`` (the fastest GPU backend that works, else the CPU).
-    ``variant``: ``None`` lets each backend take its precision (fp16 on the GPU when the artifact has it, fp32
-    ONNX on the CPU); ``"fp32"`` / ``"fp16"`` ask for that precision everywhere (ONNX variant on ORT, autocast on
-    or off for torch-CUDA; an fp16 TensorRT plan is refused for ``"fp32"``).
+    ``device``: ``"cpu"`` (the artifact's best CPU variant whose gate passed - OpenVINO bf16 - else ONNX
+    Runtime fp32; why a variant was refused is logged and put in the reason), ``"ort-cpu"`` (ONNX Runtime
+    CPU only), ``"openvino"`` (OpenVINO CPU: the gated bf16 variant when it passed, else fp32),
+    ``"tensorrt"`` / ``"ort-cuda"`` / ``"torch-cuda"`` (that backend or :class:`BackendUnavailable` with the
+    reason), ``"cuda"`` (the fastest GPU backend that works, or BackendUnavailable listing why each failed),
+    ``"auto"`` (the fastest GPU backend that works, else the CPU choice of ``"cpu"``).
+    ``variant``: ``None`` lets each backend take its precision (fp16 on the GPU when the artifact has it, a
+    gated CPU variant or fp32 ONNX on the CPU); ``"fp32"`` / ``"fp16"`` ask for that precision everywhere
+    (ONNX variant on ORT, autocast on or off for torch-CUDA; an fp16 TensorRT plan is refused for ``"fp32"``;
+    ``"fp32"`` on the CPU is always ONNX Runtime fp32 - exact parity); ``"openvino-bf16"`` asks for that CPU
+    variant (refused, with the reason, if its gate did not pass).
     """
     if device not in DEVICES:
         raise BackendUnavailable(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
     if variant not in VARIANTS and variant not in artifact.variants:
         raise BackendUnavailable(f"unknown variant {variant!r}; expected fp32, fp16 or None (the backend's "
                                  f"choice)")
-    if device in ("cpu",) + GPU_ORDER:
+    if device == "cpu":
+        cpu_rejected: list[str] = []
+        try:
+            backend = _cpu_choice(device, artifact, variant, threads, cpu_rejected)
+        except ArtifactError as exc:
+            raise BackendUnavailable(f"device={device}: {exc}") from None
+        reason = f"device={device}: {_describe(backend)}"
+        if cpu_rejected:
+            reason += " (rejected " + "; ".join(cpu_rejected) + ")"
+        log.info("segrt: %s", reason)
+        return backend, reason
+    if device == "openvino" and variant is None:
+        cpu_rejected = []
+        try:
+            backend = _cpu_choice(device, artifact, None, threads, cpu_rejected)
+            if backend.name == "ort-cpu":  # no gated OpenVINO variant: OpenVINO in fp32
+                backend.close()
+                backend = _make("openvino", artifact, "fp32", threads)
+        except ArtifactError as exc:
+            raise BackendUnavailable(f"device={device}: {exc}") from None
+        reason = f"device={device}: {_describe(backend)}"
+        if cpu_rejected:
+            reason += " (rejected " + "; ".join(cpu_rejected) + ")"
+        log.info("segrt: %s", reason)
+        return backend, reason
+    if device in ("ort-cpu", "openvino") + GPU_ORDER:
         try:
             backend = _make(device, artifact, variant, threads)
         except ArtifactError as exc:
@@ -102,7 +168,7 @@ def select_backend(artifact, device: str = "auto", variant: str | None = None, t
         return backend, reason
     if device == "cuda":
         raise BackendUnavailable("device=cuda: no GPU backend can run here: " + "; ".join(rejected))
-    backend = _make("cpu", artifact, variant, threads)
+    backend = _cpu_choice(device, artifact, variant, threads, rejected)
     reason = f"device=auto: picked {_describe(backend)} (rejected " + "; ".join(rejected) + ")"
     log.info("segrt: %s", reason)
     return backend, reason

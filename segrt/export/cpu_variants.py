@@ -1,0 +1,199 @@
+"""Reduced-precision CPU variants of an artifact, each with an export-time accuracy gate.
+
+A CPU variant is recorded in the manifest like every model (``models[name]`` and ``gate[name]``); the
+runtime uses it for ``device="cpu"`` / ``"auto"`` only when its gate passed, and otherwise falls back
+to ONNX Runtime fp32 and logs the gate's reason (``segrt.engine.backends.select_backend``).
+
+Variants:
+
+* ``"openvino-bf16"``: the artifact's own fp32 ONNX (no extra file; the entry points at
+  ``model_fp32.onnx`` and carries its hash) run by OpenVINO's CPU plugin with
+  ``INFERENCE_PRECISION_HINT="bf16"`` (:mod:`segrt.engine.backends.openvino_cpu`). Gated only on a CPU
+  that computes bf16 natively - elsewhere OpenVINO would run f32 and the gate would measure nothing.
+
+(int8 static QDQ was measured too - ``benchmarks/bench_runtimes.py``, ``benchmarks/results/cpu_runtimes_*.json``:
+OpenVINO running the QDQ model was the fastest runtime (3.4x ORT fp32 vs 2.1x for bf16 on the full wholeBody
+SegResNet) and passed this gate on the trained demo network, but on the random-weight wholeBody network it
+agreed with fp32 on only 55 % of voxels; its accuracy depends on calibration data representative of real scans,
+which phantoms are not, and ORT's calibrator needed 10 GB for 4 full-size patches. It is not offered yet.)
+
+The gate (reference: ONNX Runtime fp32 on ``model_fp32.onnx``, i.e. the fp32 segrt result; ``samples``
+batches of ``batch`` CT-like phantom patches after the spec's intensity ops, :func:`ct_like_patches`):
+
+* per-class Dice of the argmax labels, pooled over all gate patches, ``>= MIN_CLASS_DICE`` (0.98) for
+  every class that covers at least ``MIN_CLASS_VOXELS`` voxels in the reference or in the variant
+  (smaller classes are reported, not gated: one flipped voxel moves their Dice by more than 2 %);
+* finite logits.
+
+The logit report (max / mean |Δlogit|, argmax agreement) is recorded as well, on the CT-like patches
+and on as many standard-normal patches. A gate that fails does not stop the export: the variant is
+recorded with ``passed: false`` and the reason, and the runtime refuses it saying why.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+
+from segrt.errors import ExportError
+
+__all__ = ["CPU_VARIANTS", "MIN_CLASS_DICE", "MIN_CLASS_VOXELS", "per_class_dice", "compare_runs",
+           "gate_cpu_variant", "add_cpu_variants"]
+
+CPU_VARIANTS = ("openvino-bf16",)
+MIN_CLASS_DICE = 0.98
+MIN_CLASS_VOXELS = 1000
+
+
+def per_class_dice(ref: np.ndarray, got: np.ndarray, num_classes: int, min_voxels: int = MIN_CLASS_VOXELS) -> dict:
+    """Per-class Dice of two label arrays (same shape), and which classes are large enough to gate.
+
+    Returns ``{"dice": {class: dice}, "voxels": {class: reference voxels}, "gated": [classes],
+    "worst_class", "worst_dice"}`` where ``gated`` are classes with ``>= min_voxels`` voxels in either array.
+    """
+    ref = np.asarray(ref).ravel().astype(np.int64)
+    got = np.asarray(got).ravel().astype(np.int64)
+    if ref.shape != got.shape:
+        raise ExportError(f"per_class_dice: label arrays differ in size ({ref.size} vs {got.size})")
+    a = np.bincount(ref, minlength=num_classes)
+    b = np.bincount(got, minlength=num_classes)
+    inter = np.bincount(ref[ref == got], minlength=num_classes)
+    dice, voxels, gated = {}, {}, []
+    for k in range(num_classes):
+        if a[k] + b[k] == 0:
+            continue
+        dice[k] = float(2.0 * inter[k] / (a[k] + b[k]))
+        voxels[k] = int(a[k])
+        if max(a[k], b[k]) >= min_voxels:
+            gated.append(k)
+    worst = min(gated, key=lambda k: dice[k]) if gated else None
+    return {"dice": dice, "voxels": voxels, "gated": gated, "worst_class": worst,
+            "worst_dice": dice[worst] if worst is not None else None}
+
+
+def compare_runs(ref_fn, got_fn, batches, num_classes: int, min_voxels: int = MIN_CLASS_VOXELS) -> dict:
+    """Run both callables on every batch; logit statistics, argmax agreement and per-class Dice."""
+    max_abs = sum_abs = scale = 0.0
+    count = 0
+    finite = True
+    ref_labels, got_labels = [], []
+    for x in batches:
+        r = np.asarray(ref_fn(x), dtype=np.float32)
+        g = np.asarray(got_fn(x), dtype=np.float32)
+        if r.shape != g.shape:
+            raise ExportError(f"outputs differ in shape: reference {list(r.shape)}, variant {list(g.shape)}")
+        finite &= bool(np.isfinite(g).all())
+        d = np.abs(r - g)
+        max_abs = max(max_abs, float(np.nanmax(d)))
+        sum_abs += float(np.nansum(d, dtype=np.float64))
+        count += d.size
+        scale = max(scale, float(np.abs(r).max()))
+        ref_labels.append(r.argmax(1).astype(np.int32))
+        got_labels.append(g.argmax(1).astype(np.int32))
+    ref_l = np.concatenate([x.ravel() for x in ref_labels])
+    got_l = np.concatenate([x.ravel() for x in got_labels])
+    pcd = per_class_dice(ref_l, got_l, num_classes, min_voxels)
+    return {"max_abs_logit_diff": max_abs, "mean_abs_logit_diff": sum_abs / max(count, 1),
+            "max_abs_logit": scale, "argmax_agreement": float((ref_l == got_l).mean()), "finite": finite,
+            "voxels": int(ref_l.size), "per_class_dice": pcd}
+
+
+def _ort_fp32(fp32_path):
+    from segrt.export import gate as gm
+
+    sess = gm._session(fp32_path)
+    return lambda x: gm._run_onnx(sess, x)
+
+
+def gate_cpu_variant(variant: str, fp32_path, spec, *, samples: int = 2, batch: int = 2, seed: int = 0,
+                     run=None, reference=None, threads: int | None = None) -> dict:
+    """Gate ``variant`` against ONNX Runtime fp32 on CT-like patches; return the report (never raises on a fail).
+
+    ``run`` / ``reference`` (callables ``np → np``) replace the variant's backend / the ORT fp32 reference
+    (tests use ``run`` to gate a deliberately broken variant). Raises :class:`ExportError` when the variant
+    cannot be run here at all (e.g. openvino missing, no native bf16).
+    """
+    from segrt.export.fp16 import ct_like_patches
+    from segrt.export import gate as gm
+
+    if variant not in CPU_VARIANTS:
+        raise ExportError(f"unknown CPU variant {variant!r}; expected one of {', '.join(CPU_VARIANTS)}")
+    if samples < 1:
+        raise ExportError(f"gate samples must be >= 1, got {samples}")
+    if int(spec.in_channels) != 1:
+        # the gate's CT-like patches need a single-channel CT model
+        return {"passed": False, "reason": f"no CT-like gate for a {spec.in_channels}-channel model; "
+                                           f"the variant is recorded ungated and will not be used"}
+    runtime = {}
+    backend = None
+    if run is None:
+        from segrt.engine.backends.openvino_cpu import OpenVinoCpuBackend, variant_precision
+        from segrt.errors import BackendUnavailable
+
+        try:
+            backend = OpenVinoCpuBackend(fp32_path, spec.in_channels, spec.num_classes, spec.inference.roi_size,
+                                         batch, precision=variant_precision(variant), threads=threads)
+        except BackendUnavailable as exc:
+            raise ExportError(f"cannot gate the {variant} CPU variant on this machine: {exc}") from None
+        run = backend.infer
+        runtime = {"runtime": f"OpenVINO {backend.info['openvino']} CPU plugin, inference precision "
+                              f"{backend.precision}", "cpu": backend.info["cpu"],
+                   "cpu_capabilities": backend.info["capabilities"]}
+    ref_fn = reference if reference is not None else _ort_fp32(fp32_path)
+    roi = tuple(int(r) for r in spec.inference.roi_size)
+    t0 = time.perf_counter()
+    try:
+        ct = compare_runs(ref_fn, run, ct_like_patches(spec, samples, batch, seed + 1), spec.num_classes)
+        rnd = compare_runs(ref_fn, run, gm._patches(seed, samples, (batch, int(spec.in_channels), *roi)),
+                           spec.num_classes)
+    finally:
+        if backend is not None:
+            backend.close()
+    problems = []
+    if not ct["finite"]:
+        problems.append("non-finite logits on CT-like patches")
+    pcd = ct["per_class_dice"]
+    bad = [k for k in pcd["gated"] if not pcd["dice"][k] >= MIN_CLASS_DICE]
+    if bad:
+        shown = ", ".join(f"class {k} {pcd['dice'][k]:.4f} ({pcd['voxels'][k]} voxels)"
+                          for k in sorted(bad, key=lambda k: pcd["dice"][k])[:5])
+        problems.append(f"per-class Dice below {MIN_CLASS_DICE} on CT-like patches for {len(bad)} of "
+                        f"{len(pcd['gated'])} gated classes: {shown}" + (" ..." if len(bad) > 5 else ""))
+    if not pcd["gated"]:
+        problems.append(f"no class covers {MIN_CLASS_VOXELS} voxels of the CT-like gate patches")
+    for r in (ct, rnd):  # JSON keys must be strings
+        r["per_class_dice"] = {**r["per_class_dice"],
+                               "dice": {str(k): round(v, 6) for k, v in r["per_class_dice"]["dice"].items()},
+                               "voxels": {str(k): v for k, v in r["per_class_dice"]["voxels"].items()}}
+    report = {
+        "passed": not problems, "reason": "; ".join(problems) if problems else None, "problems": problems,
+        "reference": "onnxruntime fp32 (CPUExecutionProvider) on model_fp32.onnx", **runtime,
+        "samples": int(samples), "batch": int(batch), "seed": int(seed),
+        "min_class_dice": MIN_CLASS_DICE, "min_class_voxels": MIN_CLASS_VOXELS,
+        "ct_like": {**ct, "input_distribution": "synthetic CT phantom after the spec's intensity ops"},
+        "random": {**rnd, "input_distribution": "standard normal float32 (logit report only, not gated)"},
+        "worst_class_dice": pcd["worst_dice"], "worst_class": pcd["worst_class"],
+        "max_abs_logit_diff": ct["max_abs_logit_diff"], "argmax_agreement": ct["argmax_agreement"],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return report
+
+
+def add_cpu_variants(tmp, spec, fp32_entry: dict, models: dict, gates: dict, cpu_variants, *,
+                     samples: int, seed: int) -> None:
+    """Gate each requested CPU variant and record it in ``models`` / ``gates`` (called by ``export``)."""
+    for variant in cpu_variants:
+        if variant not in CPU_VARIANTS:
+            raise ExportError(f"unknown CPU variant {variant!r}; expected one of {', '.join(CPU_VARIANTS)}")
+        report = gate_cpu_variant(variant, tmp / fp32_entry["path"], spec, samples=samples, seed=seed)
+        models[variant] = {**{k: fp32_entry[k] for k in ("path", "sha256", "format", "input_name", "output_name",
+                                                          "input_shape", "output_shape", "opset")
+                              if k in fp32_entry},
+                           "runtime": "openvino", "inference_precision": "bf16",
+                           "note": "the fp32 ONNX, run by OpenVINO's CPU plugin with INFERENCE_PRECISION_HINT=bf16"}
+        gates[variant] = report
+        if not report["passed"]:
+            warnings.warn(f"CPU variant {variant} failed its accuracy gate and will not be used: "
+                          f"{report['reason']}", UserWarning, stacklevel=3)
