@@ -45,6 +45,13 @@ def _triple(text: str):
     return tuple(vals)
 
 
+def _overlap(text: str):
+    vals = _triple(text)
+    if any(not (0.0 <= v < 1.0) for v in vals):
+        raise argparse.ArgumentTypeError(f"overlap must be in [0, 1) (one value or X,Y,Z), got {text!r}")
+    return vals
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segrt", description="Lean inference engine for MONAI 3D segmentation bundles.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -60,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--override", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
                    help="bundle config override, e.g. displayable_configs#highres=false (repeatable)")
     e.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+    e.add_argument("--cpu-variant", action="append", default=[], choices=["openvino-bf16"],
+                   help="also gate a faster CPU variant (OpenVINO bf16); 'segrt run' on the CPU uses it only if it "
+                        "passed its accuracy gate (per-class Dice >= 0.98 vs fp32)")
     e.add_argument("--fp16", action="store_true",
                    help="also write an fp16 ONNX (normalisation layers kept fp32), gated against fp32")
     e.add_argument("--torch-program", action="store_true",
@@ -73,11 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("input", help="input image (.nii / .nii.gz)")
     r.add_argument("-o", "--output", required=True, help="output label image (.nii / .nii.gz)")
     r.add_argument("--device", default="auto",
-                   choices=["auto", "cpu", "cuda", "tensorrt", "ort-cuda", "torch-cuda"],
+                   choices=["auto", "cpu", "ort-cpu", "openvino", "cuda", "tensorrt", "ort-cuda", "torch-cuda"],
                    help="where to run (default: auto = TensorRT → ORT-CUDA → torch-CUDA → ORT-CPU)")
-    r.add_argument("--variant", default=None, choices=["fp32", "fp16"],
+    r.add_argument("--variant", default=None, choices=["fp32", "fp16", "openvino-bf16"],
                    help="model precision (default: fp16 on a GPU when the artifact has it, fp32 on the CPU)")
     r.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    r.add_argument("--overlap", type=_overlap, default=None, metavar="X",
+                   help="replace the artifact's sliding-window overlap (0 <= X < 1, or X,Y,Z): fewer windows, "
+                        "results differ from the exported pipeline; recorded in the output header and metadata")
+    r.add_argument("--no-skip", action="store_true",
+                   help="run every window (default: windows the artifact's skip rule declares empty, e.g. all-air "
+                        "CT, are not run and count as background)")
+    r.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="RAM budget like 1.5G: batch size, threads and accumulator are planned to fit it; "
+                        "fails before running when it cannot be met")
+    r.add_argument("--accum-dtype", default=None, choices=["float32", "float16"],
+                   help="stitching accumulator (CPU default float32: exact; float16 halves the stitcher's memory)")
     r.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -112,7 +133,8 @@ def cmd_export(a) -> int:
     variants = ("fp32", "fp16") if a.fp16 else ("fp32",)
     out = export(a.source, a.output, spec=a.spec, random_init=a.random_init,
                  overrides=dict(a.override) or None, force=a.force, variants=variants,
-                 torch_program=a.torch_program, tensorrt=a.tensorrt, trt_timing_cache=a.trt_timing_cache)
+                 torch_program=a.torch_program, tensorrt=a.tensorrt, trt_timing_cache=a.trt_timing_cache,
+                 cpu_variants=tuple(a.cpu_variant))
     from segrt.artifact import Artifact
 
     art = Artifact.load(out)
@@ -135,7 +157,9 @@ def cmd_export(a) -> int:
 def cmd_run(a) -> int:
     from segrt.engine.engine import Engine
 
-    with Engine.load(a.artifact, device=a.device, variant=a.variant, threads=a.threads) as eng:
+    with Engine.load(a.artifact, device=a.device, variant=a.variant, threads=a.threads,
+                     overlap=a.overlap, skip_empty=not a.no_skip, max_memory=a.max_memory,
+                     accum_dtype=a.accum_dtype) as eng:
         seg = eng.segment(a.input, output=a.output, progress=None if not a.quiet else False)
         seg.timings["load"] += getattr(eng, "load_seconds", 0.0)
     if a.json:
@@ -144,6 +168,9 @@ def cmd_run(a) -> int:
     elif not a.quiet:
         print(f"wrote {a.output}  ({seg.labels.shape[0]}×{seg.labels.shape[1]}×{seg.labels.shape[2]}, "
               f"{seg.metadata['windows']} windows, backend {seg.metadata['backend']})")
+        if seg.metadata.get("overlap_overridden"):
+            print(f"  overlap {','.join(f'{o:g}' for o in seg.metadata['overlap'])} "
+                  f"(artifact: {','.join(f'{o:g}' for o in seg.metadata['artifact_overlap'])})")
         print_timings(seg.timings)
     return 0
 
@@ -198,7 +225,7 @@ def format_info(art) -> str:
     for variant, g in m.get("gate", {}).items():
         rows.append((f"gate {variant}", ("passed" if g.get("passed") else "FAILED") + "  " + ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in g.items() if k not in ("passed", "thresholds"))))
+            for k, v in g.items() if k not in ("passed", "thresholds") and not isinstance(v, (dict, list)))))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     if s.class_names:

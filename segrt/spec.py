@@ -30,8 +30,11 @@ JSON schema (all keys shown; ``null`` where optional)::
         "sigma_scale": [0.125, 0.125, 0.125],
         "padding_mode": "replicate",                # "constant" | "replicate"
         "cval": 0.0,
-        "importance_profiles": [[...], [...], [...]]   # optional: float32 1-D Gaussian profiles
-      },                                                # computed with torch at export (bit-exact)
+        "importance_profiles": [[...], [...], [...]],  # optional: float32 1-D Gaussian profiles
+                                                    # computed with torch at export (bit-exact)
+        "skip_rule": {"kind": "max_below", "threshold": -500.0,   # optional (absent = never skip): a window
+                      "background_class": 0, "margin": 10.0}      # whose resampled, not yet normalised input
+      },                                                          # is < threshold everywhere is not run
       "postprocessing": {
         "softmax": true,
         "order": "argmax_then_invert",              # "argmax_then_invert" | "invert_then_argmax"
@@ -55,6 +58,7 @@ __all__ = [
     "SpacingSpec",
     "Preprocessing",
     "InferenceSpec",
+    "SkipRule",
     "Postprocessing",
     "Spec",
     "INTENSITY_OPS",
@@ -149,6 +153,45 @@ class Preprocessing:
                 raise SpecError(f"orientation must be 3 axcodes like 'RAS', got {ax!r}")
 
 
+SKIP_KINDS = ("max_below",)
+
+
+@dataclass(frozen=True)
+class SkipRule:
+    """When a window is not run (``segrt.engine.stitch``, "Skipping"): ``max_below`` — every voxel of the window's
+    input, *before* the intensity transforms (after orientation and resampling; for CT: Hounsfield units), is
+    below ``threshold``. A skipped window contributes the constant logits ``0`` for ``background_class`` and
+    ``-margin`` for every other class, blended like a network output."""
+
+    kind: str = "max_below"
+    threshold: float = -500.0
+    background_class: int = 0
+    margin: float = 10.0
+
+    def __post_init__(self):
+        if self.kind not in SKIP_KINDS:
+            raise SpecError(f"skip_rule.kind must be one of {list(SKIP_KINDS)}, got {self.kind!r}")
+        if not self.background_class >= 0:
+            raise SpecError(f"skip_rule.background_class must be >= 0, got {self.background_class}")
+        if not self.margin > 0:
+            raise SpecError(f"skip_rule.margin must be > 0, got {self.margin}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "SkipRule":
+        if not isinstance(d, dict):
+            raise SpecError(f"skip_rule must be an object like {{'kind': 'max_below', 'threshold': -500}}, got {d!r}")
+        unknown = set(d) - {"kind", "threshold", "background_class", "margin"}
+        if unknown:
+            raise SpecError(f"skip_rule: unknown key(s) {sorted(unknown)}")
+        if "threshold" not in d:
+            raise SpecError("skip_rule: missing required key 'threshold'")
+        return cls(kind=str(d.get("kind", "max_below")), threshold=float(d["threshold"]),
+                   background_class=int(d.get("background_class", 0)), margin=float(d.get("margin", 10.0)))
+
+
 @dataclass(frozen=True)
 class InferenceSpec:
     roi_size: tuple[int, int, int]
@@ -159,6 +202,7 @@ class InferenceSpec:
     padding_mode: Literal["constant", "replicate"] = "constant"
     cval: float = 0.0
     importance_profiles: tuple[tuple[float, ...], ...] | None = None
+    skip_rule: SkipRule | None = None
 
     def __post_init__(self):
         if any(r < 1 for r in self.roi_size):
@@ -176,6 +220,8 @@ class InferenceSpec:
                 len(p) != r for p, r in zip(self.importance_profiles, self.roi_size)
             ):
                 raise SpecError("importance_profiles must hold one profile per axis, of roi_size length")
+        if self.skip_rule is not None and not isinstance(self.skip_rule, SkipRule):
+            raise SpecError(f"skip_rule must be a SkipRule, got {type(self.skip_rule).__name__}")
 
 
 @dataclass(frozen=True)
@@ -206,6 +252,10 @@ class Spec:
             raise SpecError(f"in_channels must be >= 1, got {self.in_channels}")
         if self.num_classes < 1:
             raise SpecError(f"num_classes must be >= 1, got {self.num_classes}")
+        rule = self.inference.skip_rule
+        if rule is not None and rule.background_class >= self.num_classes:
+            raise SpecError(f"skip_rule.background_class {rule.background_class} is not a class of this model "
+                            f"(num_classes {self.num_classes})")
 
     @property
     def label_dtype(self) -> str:
@@ -238,6 +288,7 @@ class Spec:
                 "cval": inf.cval,
                 "importance_profiles": None if inf.importance_profiles is None
                 else [list(p) for p in inf.importance_profiles],
+                **({} if inf.skip_rule is None else {"skip_rule": inf.skip_rule.to_dict()}),
             },
             "postprocessing": dataclasses.asdict(self.postprocessing),
         }
@@ -267,6 +318,7 @@ class Spec:
                 padding_mode=inf_d.get("padding_mode", "constant"),
                 cval=float(inf_d.get("cval", 0.0)),
                 importance_profiles=None if prof is None else tuple(tuple(float(v) for v in p) for p in prof),
+                skip_rule=None if inf_d.get("skip_rule") is None else SkipRule.from_dict(inf_d["skip_rule"]),
             )
             unknown_post = set(post_d) - {"softmax", "order", "invert_interp"}
             if unknown_post:

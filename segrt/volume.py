@@ -271,13 +271,17 @@ def _check_affine(affine) -> np.ndarray:
 
 
 def save_labels(labels: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
-                like: Volume | None = None) -> Path:
+                like: Volume | None = None, descrip: str | None = None) -> Path:
     """Write an integer label map ``(X, Y, Z)`` as NIfTI, atomically.
 
     When ``like`` carries a NIfTI-1 header it is copied (sform/qform codes, xyzt units, descrip, time
     pixdim), with the label datatype, raw storage (slope 1, intercept 0) and ``affine`` in both forms.
     Otherwise a fresh header is written with sform = qform = ``affine`` (code 1, scanner), like MONAI.
+    ``descrip`` (at most 80 ASCII characters) replaces the header's description.
     """
+    if descrip is not None:
+        if not isinstance(descrip, str) or len(descrip.encode("ascii", "replace")) > 80:
+            raise VolumeError(f"descrip must be a str of at most 80 ASCII characters, received {descrip!r}")
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise VolumeError(f"labels must be a 3-D (X, Y, Z) array, received shape {tuple(labels.shape)}")
@@ -289,6 +293,8 @@ def save_labels(labels: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
         raise VolumeError(f"labels dtype {labels.dtype} is not supported; cast to uint8/uint16/int32 first")
     aff = _check_affine(affine)
     hdr = _make_header(None if like is None else like.header, labels.dtype, aff, labels.shape)
+    if descrip is not None:
+        hdr["descrip"] = descrip.encode("ascii", "replace")
     return _atomic_save(_nifti_image(np.ascontiguousarray(labels), aff, hdr), path)
 
 

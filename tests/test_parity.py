@@ -16,8 +16,8 @@ import json
 import numpy as np
 import pytest
 
-from parity_util import (BUNDLES, FIXTURES, bundle_with_weights, ct_like, lps_affine, run_monai_bundle,
-                         top2_margin, write_volume)
+from parity_util import (BUNDLES, FIXTURES, bundle_with_weights, ct_like, lps_affine, mri_like, oblique_affine,
+                         run_monai_bundle, top2_margin, write_volume)
 
 pytest.importorskip("monai")
 
@@ -32,6 +32,9 @@ CASES = {  # name: (bundle, config overrides, input volume)
                             "float32"),
     "wholebody_small_3mm_int16": (FIXTURES / "bundles" / "wholebody_small", {"displayable_configs#highres": False},
                                   "int16"),
+    # whole-brain UNesT settings (no geometry, NormalizeIntensityd(nonzero="True", channel_wise="True"),
+    # overlap 0.7, sw_batch 4, softmax → Invertd (no-op) → argmax), with the bundle's own scripts/ transformer
+    "brain_small": (FIXTURES / "bundles" / "brain_small", {}, "mri"),
 }
 
 
@@ -55,7 +58,10 @@ def volume_paths(tmp_path_factory):
     hu = ct - 40.0
     hu[np.abs(hu) < 12] = 0.0
     return {"float32": write_volume(d / "case_ct.nii.gz", ct, lps_affine((0.9, 1.2, 2.7))),
-            "int16": _write_int16(d / "case_ct_int16.nii.gz", hu, lps_affine((0.75, 1.25, 2.5)))}
+            "int16": _write_int16(d / "case_ct_int16.nii.gz", hu, lps_affine((0.75, 1.25, 2.5))),
+            # larger than the 32³ roi on two axes, smaller on the third (padded); ~half the voxels exactly 0
+            "mri": write_volume(d / "case_t1.nii.gz", mri_like((61, 45, 27), seed=5),
+                                oblique_affine((1.0, 1.2, 1.5)))}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -71,7 +77,7 @@ def test_parity_with_monai_pipeline(case, volume_paths, tmp_path):
     art = export(bundle, tmp_path / "artifact", overrides=overrides or None)
     ref = run_monai_bundle(bundle, volume_path, tmp_path / "monai_out", overrides=overrides)
 
-    with Engine.load(art, device="cpu") as eng:
+    with Engine.load(art, device="cpu", skip_empty=False) as eng:  # parity: every window runs
         seg = eng.segment(volume_path, return_probabilities=True, progress=False)
         pre_spec = eng.spec.preprocessing
 

@@ -29,7 +29,8 @@ import numpy as np
 from segrt.artifact import Artifact
 from segrt.engine import preprocess as pp
 from segrt.engine.backends import select_backend
-from segrt.engine.stitch import sliding_window_stream
+from segrt.engine.budget import measure_workspace, plan_memory, parse_size
+from segrt.engine.stitch import sliding_window_blocks, sliding_window_stream, window_maxima
 from segrt.engine.tiling import plan_windows
 from segrt.errors import VolumeError
 from segrt.volume import Volume, load_nifti, save_labels
@@ -83,6 +84,27 @@ def _fmt_overlap(ov) -> str:
     return f"{ov[0]:g}" if len(set(ov)) == 1 else ",".join(f"{o:g}" for o in ov)
 
 
+#: Voxels per chunk of the block consumer (softmax temporaries are 1/K of a chunk, argmax's int64 8 B/voxel).
+CONSUME_CHUNK_VOXELS = 1 << 15
+
+
+def _consume_block(block: np.ndarray, softmax: bool, labels_out: np.ndarray | None,
+                   probs_out: np.ndarray | None = None) -> None:
+    """Softmax (in place) and argmax of a stitched block ``(K, dx, dy, dz)``, a few rows at a time, so that no
+    temporary larger than ``CONSUME_CHUNK_VOXELS`` voxels is made. Per voxel the values are exactly those of
+    softmax / argmax over the whole block."""
+    dx, dy, dz = block.shape[1:]
+    step = max(1, CONSUME_CHUNK_VOXELS // max(dy * dz, 1))
+    for r in range(0, dx, step):
+        part = block[:, r:r + step]
+        if softmax:
+            _softmax_inplace(part)
+        if probs_out is not None:
+            probs_out[:, r:r + step] = part
+        if labels_out is not None:
+            labels_out[r:r + step] = np.argmax(part, axis=0)
+
+
 def _softmax_inplace(x: np.ndarray) -> np.ndarray:
     """Softmax over axis 0 in float32, as monai's Activations(softmax=True) (torch.softmax, dim=0)."""
     m = x.max(axis=0, keepdims=True)
@@ -106,11 +128,14 @@ class Engine:
         self._gpu_pipeline = None
         self.load_seconds = 0.0
         self.overlap_overridden = False
+        self.skip_empty = True
+        self.max_memory: int | None = None
+        self.stitch_threads = True
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", variant: str | None = None,
              threads: int | None = None, accum_dtype: str | None = None,
-             overlap=None) -> "Engine":
+             overlap=None, skip_empty: bool = True, max_memory=None, stitch_threads: bool = True) -> "Engine":
         """Load an artifact and pick a backend (``device``: auto, cpu, cuda, tensorrt, ort-cuda, torch-cuda).
 
         ``variant``: None lets the backend choose (fp16 on a GPU when the artifact has it, fp32 on the CPU).
@@ -120,6 +145,14 @@ class Engine:
         fewer windows, different numbers; never silent: logged as a warning and recorded in every
         segmentation's metadata (``overlap``, ``overlap_overridden``, ``artifact_overlap``) and in the
         written NIfTI header's ``descrip``.
+
+        CPU path: ``accum_dtype`` None/"float32" is exact (bit-identical stitching), "float16" halves the
+        stitcher's cells (reduced precision). ``skip_empty``: windows that the artifact's ``skip_rule`` declares
+        empty (CT: all air) are not run (``segrt run --no-skip`` turns it off); the fraction skipped is in
+        ``metadata["skipped_fraction"]``. ``max_memory`` (bytes or "1.5G"): plan batch size, threads and the
+        accumulator for that RAM budget (``segrt.engine.budget``), raising ``BudgetError`` before anything runs
+        when it cannot be met. ``stitch_threads``: gather and infer in background threads, overlapped with
+        stitching (bit-identical results).
         """
         t0 = time.perf_counter()
         artifact = Artifact.load(path)
@@ -128,6 +161,9 @@ class Engine:
                         "its labels are meaningless", path)
         backend, reason = select_backend(artifact, device=device, variant=variant, threads=threads)
         eng = cls(artifact, backend, reason, accum_dtype=accum_dtype)
+        eng.skip_empty = bool(skip_empty)
+        eng.max_memory = None if max_memory is None else parse_size(max_memory)
+        eng.stitch_threads = bool(stitch_threads)
         if overlap is not None:
             eng._override_overlap(overlap)
         eng.load_seconds = time.perf_counter() - t0
@@ -205,10 +241,29 @@ class Engine:
             return self._segment_on_device(vol, timings, output, return_probabilities)
 
         t0 = time.perf_counter()
-        image, record = pp.preprocess(vol, spec.preprocessing)
+        K = spec.num_classes
+        lab_dtype = np.dtype(spec.label_dtype)
+        post = spec.postprocessing
+        # Invertd(bilinear) on probabilities, argmax afterwards: streamed slab by slab. (Nearest inversion of
+        # probabilities followed by argmax picks the same source voxel as argmax followed by nearest inversion
+        # of labels, so that case takes the cheaper label path.)
+        use_inverter = post.order == "invert_then_argmax" and post.invert_interp == "bilinear"
+        rule = spec.inference.skip_rule if self.skip_empty else None
+        fresh = bool(getattr(self.backend, "fresh_outputs", False))
+        mplan = self._memory_plan(vol, use_inverter, rule is not None, fresh)
+        inf = mplan.inference_spec(spec.inference)
+
+        maxima = {}
+
+        def raw_hook(raw):
+            maxima["max"] = window_maxima(raw, plan_windows(raw.shape[1:], inf))
+
+        image, record = pp.preprocess(vol, spec.preprocessing, raw_hook=raw_hook if rule is not None else None)
         timings["preprocess"] = time.perf_counter() - t0
 
-        plan = plan_windows(image.shape[1:], spec.inference)
+        plan = plan_windows(image.shape[1:], inf)
+        skip = None if rule is None else maxima["max"] < rule.threshold
+        n_skip = 0 if skip is None else int(skip.sum())
         infer_time = [0.0]
 
         def predict(batch):
@@ -225,38 +280,42 @@ class Engine:
             bar = tqdm(total=plan.n_windows, unit="win", desc="segrt", file=sys.stderr, delay=2.0,
                        leave=False)
 
-        K = spec.num_classes
-        lab_dtype = np.dtype(spec.label_dtype)
         res_shape = image.shape[1:]
         probs_full = np.empty((K, *res_shape), np.float32) if return_probabilities else None
         inverter = labels_res = None
-        post = spec.postprocessing
-        if post.order == "invert_then_argmax" and post.invert_interp == "bilinear":
-            # Invertd(bilinear) on probabilities, argmax afterwards: streamed slab by slab.
-            # (Nearest inversion of probabilities followed by argmax picks the same source voxel as argmax
-            # followed by nearest inversion of labels, so that case takes the cheaper label path below.)
+        if use_inverter:
             inverter = record.probability_inverter(K, lab_dtype)
         else:
             labels_res = np.empty(res_shape, lab_dtype)
+        kw = dict(progress=bar.update if bar else None, accum_dtype=mplan.accum_dtype, skip=skip,
+                  threads=mplan.threads, inplace_weighting=fresh)
+        if rule is not None:
+            kw.update(background_class=rule.background_class, skip_margin=rule.margin)
 
         t0 = time.perf_counter()
-        for x0, slab in sliding_window_stream(image, spec.inference, predict, K,
-                                              progress=bar.update if bar else None):
-            rows = slab.shape[1]
-            if spec.postprocessing.softmax:
-                _softmax_inplace(slab)
-            if probs_full is not None:
-                probs_full[:, x0:x0 + rows] = slab
-            if inverter is not None:
+        if inverter is not None:
+            def transform(block):
+                _consume_block(block, post.softmax, None)
+
+            for x0, slab in sliding_window_stream(image, inf, predict, K, transform=transform, **kw):
+                if probs_full is not None:
+                    probs_full[:, x0:x0 + slab.shape[1]] = slab
                 inverter.push(x0, slab)
-            else:
-                labels_res[x0:x0 + rows] = np.argmax(slab, axis=0)
+                del slab
+        else:
+            for (x0, y0, z0), block in sliding_window_blocks(image, inf, predict, K, **kw):
+                dx, dy, dz = block.shape[1:]
+                box = (slice(x0, x0 + dx), slice(y0, y0 + dy), slice(z0, z0 + dz))
+                _consume_block(block, post.softmax, labels_res[box],
+                               None if probs_full is None else probs_full[(slice(None), *box)])
+                del block
         del image
         if bar is not None:
             bar.close()
         loop = time.perf_counter() - t0
         timings["infer"] = infer_time[0]
-        timings["stitch"] = loop - infer_time[0]
+        # with threads, inference overlaps stitching: "stitch" is then the loop time not hidden by inference
+        timings["stitch"] = max(loop - infer_time[0], 0.0)
 
         t0 = time.perf_counter()
         if inverter is not None:
@@ -270,11 +329,43 @@ class Engine:
             source=vol, probabilities=probs_full,
             metadata={"backend": self.backend.name, "backend_reason": self.backend_reason, "device": self.device,
                       "windows": plan.n_windows, "preprocessed_shape": list(res_shape),
+                      "windows_run": plan.n_windows - n_skip, "windows_skipped": n_skip,
+                      "skipped_fraction": n_skip / plan.n_windows,
+                      "skip_rule": None if rule is None else rule.to_dict(),
+                      "accum_dtype": mplan.accum_dtype, "sw_batch_size": inf.sw_batch_size,
+                      "stitch_threads": mplan.threads, "memory_plan": mplan.to_dict(),
                       "random_weights": self.artifact.random_weights, **self._overlap_metadata()},
         )
         if output is not None:
             seg.save(output)
         return seg
+
+    def _memory_plan(self, vol: Volume, slabs: bool, skip: bool, fresh: bool):
+        """Batch size, accumulator and threads for this volume (``segrt.engine.budget``); BudgetError if the
+        declared budget cannot be met — raised before anything runs."""
+        spec = self.spec
+        acc = self.accum_dtype
+        if acc is not None and acc not in ("float32", "float16"):
+            from segrt.errors import SpecError
+            raise SpecError(f"accum_dtype must be 'float32' or 'float16', got {acc!r}")
+        res_shape = pp.output_shape(vol, spec.preprocessing)
+        base = None
+        if self.max_memory is None:
+            workspace = 0
+            acc = acc or "float32"
+        else:
+            from segrt.engine.budget import rss_bytes
+
+            now = rss_bytes()  # the process as it is (interpreter, libraries, backend session, the input)
+            base = max(now - int(vol.array.nbytes), 0) if now else None
+
+            def workspace(b):
+                return measure_workspace(self.backend, b)
+        return plan_memory(spec.inference, spec.num_classes, spec.in_channels, vol.array.shape[1:], res_shape,
+                           self.max_memory, input_bytes=int(vol.array.nbytes),
+                           label_bytes=np.dtype(spec.label_dtype).itemsize, workspace=workspace, skip=skip,
+                           slabs=slabs, inplace_weighting=fresh, threads=self.stitch_threads, accum_dtype=acc,
+                           **({} if base is None else {"base": base}))
 
     def _segment_on_device(self, vol: Volume, timings: dict, output, return_probabilities: bool) -> Segmentation:
         """The whole pipeline on the GPU (segrt.engine.gpu.TorchPipeline); only labels come back to the host."""

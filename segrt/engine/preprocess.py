@@ -32,6 +32,7 @@ __all__ = [
     "apply_intensity",
     "PreprocessRecord",
     "preprocess",
+    "output_shape",
 ]
 
 AFFINE_TOL = 1e-3  # monai.data.utils.AFFINE_TOL
@@ -442,9 +443,25 @@ class PreprocessRecord:
         return K.ProbabilityInverter(M, self.output_shape, self.oriented_shape, num_classes, dtype)
 
 
-def preprocess(volume, pre: Preprocessing):
+def output_shape(volume, pre: Preprocessing) -> tuple[int, int, int]:
+    """The spatial shape :func:`preprocess` will give ``volume`` (geometry only: nothing is resampled)."""
+    if not isinstance(pre, Preprocessing):
+        raise SpecError(f"expected a segrt.spec.Preprocessing, received {type(pre).__name__}")
+    arr = volume.array
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    if pre.orientation is not None:
+        arr, affine, _ = orient(arr, affine, pre.orientation.upper())
+    shape = tuple(int(s) for s in arr.shape[1:])
+    if pre.spacing is None:
+        return shape
+    return tuple(plan_spacing(affine, shape, pre.spacing.pixdim).out_shape)
+
+
+def preprocess(volume, pre: Preprocessing, raw_hook=None):
     """Run orientation, spacing and intensity ops on ``volume`` (a :class:`segrt.volume.Volume`).
 
+    ``raw_hook(array)``, if given, sees the oriented and resampled image *before* the intensity ops (e.g. CT in
+    Hounsfield units; the engine's empty-window rule is decided there); it must not modify it.
     Returns ``(array (C, X, Y, Z) float32, PreprocessRecord)``.
     """
     if not isinstance(pre, Preprocessing):
@@ -462,6 +479,8 @@ def preprocess(volume, pre: Preprocessing):
         plan = plan_spacing(or_affine, or_shape, pre.spacing.pixdim)
         arr = apply_spacing(arr, plan, pre.spacing.mode)
         affine = plan.out_affine
+    if raw_hook is not None:
+        raw_hook(arr)
     arr = apply_intensity(arr, pre.intensity)
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)

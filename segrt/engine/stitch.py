@@ -1,41 +1,107 @@
-"""Streaming sliding-window inference: run windows, blend them, hand out finished slabs of rows.
+"""Streaming sliding-window inference: run windows, blend them, hand out finished blocks as soon as they are final.
 
-:func:`sliding_window_stream` reproduces ``monai.inferers.sliding_window_inference`` (MONAI 1.6.1,
-``MONAI_NOTES.md`` §5) bit for bit — same padding, windows, batches, importance map and float32
-accumulation order — but never holds the whole output volume. Windows come in C order (axis 0 slowest),
-so once every window with a given axis-0 start has been added, the rows below the next axis-0 start can no
-longer change: they are divided by the count map, yielded and their ring rows are reused.
+:func:`sliding_window_blocks` reproduces ``monai.inferers.sliding_window_inference`` (MONAI 1.6.1,
+``MONAI_NOTES.md`` §5) bit for bit — same padding, windows, batches, importance map and float32 per-voxel
+accumulation order — but holds only the voxels that are *live* (touched by some window, not yet by the last
+window that covers them).
 
-Memory (the stitcher's own buffers, float32)::
+**Cells.** Along each axis the unpadded extent is cut at every window start and every window end (and at the
+crop bounds). The cuts split the volume into a grid of *cells*; every voxel of a cell is covered by exactly the
+same windows, so a cell is final right after its last covering window (in MONAI's C order: axis 0 slowest) has
+been added. A cell's accumulator ``(K, dx, dy, dz)`` and count map ``(dx, dy, dz)`` are allocated when its first
+window arrives and are divided, handed out and freed right after its last one. Windows are still added one after
+another in window order, so every voxel sees MONAI's sequence of float32 additions. Padded voxels are never
+stored (they never reach the output). This is a multi-level ring: the cells alive at any moment are
 
-    peak = 4 · [ (K+1) · Rx · Yp · Zp          # ring: accumulator (K channels) + count map, Rx = roi_x
-               + rx·ry·rz                      # importance map
-               + B · (C + K) · rx·ry·rz        # input batch + weighted prediction batch (B = sw_batch_size)
-               + K · S · Y · Z ]               # one finished slab, S = most rows in one slab
-         + 3 · np.getbufsize() · 4            # NumPy ufunc iteration buffers (broadcast/strided ops), 96 KiB
+* the axis-0 overlap band left by the previous axis-0 start: ``Ox`` rows over the whole ``Y × Z`` plane, where
+  ``Ox = max_g (x_g + roi_x − x_{g+1})`` over consecutive axis-0 starts (``roi_x − interval_x`` except where
+  MONAI pulls the last window back to end flush, which makes the last overlap larger);
+* inside the current axis-0 start, the axis-1 overlap band of the previous axis-1 start (``rx' · Oy · Z``) and
+  inside that the axis-2 band (``rx' · ry' · Oz``) plus the current window (``rx' · ry' · rz``), where ``rx' =
+  roi_x − Ox`` etc. are the rows not already counted in an outer band.
 
-``Yp, Zp`` are the padded sizes (``max(size, roi)``). ``S`` is the largest of the first axis-0 interval and
-the final ``roi_x`` rows (both cropped to the unpadded volume); the ufunc term is an upper bound (NumPy
-allocates those transient buffers only for some operand layouts). Not counted: the input image itself and the
-arrays ``predict`` returns (a float16 one adds a transient ``2·B·K·rx·ry·rz`` while it is weighted); every
-slab the consumer keeps adds ``4·K·rows·Y·Z``.
-:func:`stitch_peak_bytes` evaluates the formula. The full-volume alternative needs ``4·(K+1)·Xp·Yp·Zp``.
+**Window order.** ``order="monai"`` visits windows in MONAI's C order. ``order="compact"`` (the default when
+``sw_batch_size`` is 1, where a batch's composition cannot change any network output) visits them tile by tile,
+the last two starts of an axis forming one tile where MONAI pulls the last window back: that keeps the live
+axis-0 band at the regular overlap instead of the pulled-back one (e.g. 24 instead of 80 rows for 256 voxels,
+roi 96, overlap 0.25). A contribution that reaches a cell before an earlier (MONAI-order) window waits, copied,
+in the cell's pending list, so per voxel the additions are still applied in MONAI's order: bit-identical.
+
+**Memory (exact).** With ``a`` bytes per accumulator element (4 for float32, 2 for float16)::
+
+    peak = max_i live_voxels(i) · (K·a + 4)                # cells alive while window i is added
+         + 4 · rx·ry·rz                                   # importance map
+         + 4 · rx·ry·rz                                   # constant contribution of a skipped window (skip only)
+         + n_in · 4 · B·C·rx·ry·rz                        # gathered input batches (n_in = 1, or 3 with threads)
+         + n_out · 4 · B·K·rx·ry·rz                       # weighted prediction batches (n_out = 1, or 2 threads;
+                                                          # one less with inplace_weighting: see stitch_buffers)
+         + [a == 2] · 4 · K · q                          # float32 quotient of a few rows of a cell (float16
+                                                          # mode), q = rows·dy·dz ≤ max(65536, dy·dz)
+         + [slabs] · 4 · K · S · Y · Z                    # row slab assembled by sliding_window_stream
+         + 3 · np.getbufsize() · 4                        # NumPy ufunc iteration buffers, 96 KiB
+         + 128 · n_windows + 768 · max_live_cells          # Python bookkeeping (lists, dicts, array headers)
+
+``live_voxels(i)`` is evaluated exactly by :func:`stitch_peak_bytes` (it replays the cell bookkeeping: cells are
+visited in the same order as the stitcher visits them, a cell counts from its first window to right after its
+last; in ``compact`` order a contribution that must wait for an earlier window adds ``a·K`` bytes per voxel of
+its cell until it is applied). Up to the small inner terms it is ``Ox·Y·Z + (rx−Ox)·Oy·Z + (rx−Ox)·(ry−Oy)·(Oz + rz)``. ``S`` is the
+most rows of one axis-0 start (``max(interval, last window)``); the ufunc term is an upper bound.
+Not counted: the input image and the arrays ``predict`` returns before they are weighted (with
+``inplace_weighting`` the weighted batch *is* the returned array; a float16 output adds a float32 copy).
+The old single-level ring needed ``4·(K+1)·roi_x·Yp·Zp``; the full volume ``4·(K+1)·Xp·Yp·Zp``.
+
+**Skipping.** ``skip[i]`` true means window ``i`` is not run: its prediction is the constant logit vector
+``0`` for ``background_class`` and ``-margin`` for every other class; it is weighted and added (with its weight in
+the count map) exactly like a network output, in its place in the window order. So a voxel covered only by
+skipped windows gets the argmax background (softmax ≈ 1 for background), and a voxel also covered by real
+windows gets their blend pulled towards background by the skipped windows' share of the weight — as the
+network's own confident background prediction for an all-air window would. Network batches are then formed
+from the windows that run (full batches of ``sw_batch_size``); without skipping they are MONAI's batches.
+
+**Threads.** With ``threads=True`` a gather thread extracts the next batch, an inference thread runs ``predict``
+(ONNX Runtime releases the GIL) and weights the result, and the caller's thread stitches and consumes the previous
+one; both helper threads are pinned to one logical CPU per physical core. Results are bit-identical to the
+sequential path (same windows, same batches, same additions in the same order). ``predict`` must then return an
+array it does not reuse afterwards (ONNX Runtime does).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from segrt.errors import InferenceError, SpecError, VolumeError
 from segrt.engine.tiling import WindowPlan, importance_map, plan_windows
-from segrt.kernels.stitch_ref import accumulate_windows, clear_rows, finalize_rows, weight_batch
+from segrt.kernels.stitch_ref import weight_batch
 from segrt.spec import InferenceSpec
 
-__all__ = ["sliding_window_stream", "sliding_window_full", "stitch_peak_bytes", "ufunc_scratch_bytes", "slab_bounds"]
+__all__ = [
+    "sliding_window_blocks",
+    "sliding_window_stream",
+    "sliding_window_full",
+    "stitch_peak_bytes",
+    "stitch_buffers",
+    "ufunc_scratch_bytes",
+    "slab_bounds",
+    "CellGrid",
+    "window_maxima",
+    "physical_core_cpus",
+    "fix_malloc_mmap_threshold",
+    "ACCUM_DTYPES",
+    "SKIP_MARGIN",
+]
 
 Predict = Callable[[np.ndarray], np.ndarray]
+ACCUM_DTYPES = {"float32": np.float32, "float16": np.float16}
+QUOTIENT_CHUNK_VOXELS = 1 << 16
+BOOKKEEPING_PER_WINDOW = 128
+BOOKKEEPING_PER_CELL = 768
+SKIP_MARGIN = 10.0  # default logit gap background − other classes of a skipped window
 
 
 def slab_bounds(plan: WindowPlan) -> list[tuple[int, int]]:
@@ -51,23 +117,232 @@ def _unpadded_rows(plan: WindowPlan, lo: int, hi: int) -> tuple[int, int]:
     return max(lo - low, 0), min(hi - low, x)
 
 
-def stitch_peak_bytes(spatial_shape, spec: InferenceSpec, num_classes: int, in_channels: int = 1) -> int:
-    """Peak bytes of the stitcher's buffers for a volume of ``spatial_shape`` (see the module docstring)."""
-    plan = plan_windows(spatial_shape, spec)
-    k, c, b = int(num_classes), int(in_channels), int(spec.sw_batch_size)
-    rx, ry, rz = plan.roi_size
-    _, yp, zp = plan.padded_shape
-    _, y, z = plan.spatial_shape
-    win = rx * ry * rz
-    rows = max(hi - lo for lo, hi in (_unpadded_rows(plan, a, e) for a, e in slab_bounds(plan)))
-    return 4 * ((k + 1) * rx * yp * zp + win + b * (c + k) * win + k * rows * y * z) + ufunc_scratch_bytes()
+# ---- cell geometry ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _AxisCells:
+    bounds: tuple[tuple[int, int], ...]                 # unpadded [a, e) of each cell
+    last: tuple[int, ...]                               # index of the last start covering each cell
+    per_start: tuple[tuple[tuple[int, int, int], ...], ...]  # per start: (cell, lo, hi) local to the window
 
 
+def _axis_cells(starts: Sequence[int], roi: int, pad_lo: int, size: int) -> _AxisCells:
+    lo, hi = pad_lo, pad_lo + size
+    cuts = {lo, hi}
+    for s in starts:
+        for c in (s, s + roi):
+            if lo < c < hi:
+                cuts.add(c)
+    b = sorted(cuts)
+    cells = list(zip(b[:-1], b[1:]))
+    last, per = [], [[] for _ in starts]
+    for ci, (a, e) in enumerate(cells):
+        cov = [j for j, s in enumerate(starts) if s <= a and e <= s + roi]
+        if not cov:  # windows cover the padded volume, so this cannot happen
+            raise InferenceError(f"internal: cell [{a}, {e}) covered by no window (starts {starts}, roi {roi})")
+        last.append(cov[-1])
+        for j in cov:
+            per[j].append((ci, a - starts[j], e - starts[j]))
+    return _AxisCells(tuple((a - lo, e - lo) for a, e in cells), tuple(last), tuple(tuple(p) for p in per))
+
+
+class CellGrid:
+    """The cells of a window plan (see the module docstring) and, per window, the cells it covers."""
+
+    def __init__(self, plan: WindowPlan):
+        self.plan = plan
+        self.axes = tuple(_axis_cells(plan.starts[d], plan.roi_size[d], plan.pads[d][0], plan.spatial_shape[d])
+                          for d in range(3))
+        self.counts = tuple(len(s) for s in plan.starts)
+        self._cov = []
+        for d in range(3):
+            cov = [[] for _ in self.axes[d].bounds]
+            for j, cells in enumerate(self.axes[d].per_start):
+                for ci, _, _ in cells:
+                    cov[ci].append(j)
+            self._cov.append(cov)
+
+    def window_index(self, i: int) -> tuple[int, int, int]:
+        ny, nz = self.counts[1], self.counts[2]
+        return i // (ny * nz), (i // nz) % ny, i % nz
+
+    def cells_of(self, i: int):
+        """Cells of window ``i`` in visiting order: ``(key, local slices, unpadded origin, shape, is_final)``."""
+        ix, iy, iz = self.window_index(i)
+        X, Y, Z = self.axes
+        for cx, x0, x1 in X.per_start[ix]:
+            fx = X.last[cx] == ix
+            for cy, y0, y1 in Y.per_start[iy]:
+                fy = fx and Y.last[cy] == iy
+                for cz, z0, z1 in Z.per_start[iz]:
+                    yield ((cx, cy, cz), (slice(x0, x1), slice(y0, y1), slice(z0, z1)),
+                           (X.bounds[cx][0], Y.bounds[cy][0], Z.bounds[cz][0]),
+                           (x1 - x0, y1 - y0, z1 - z0), fy and Z.last[cz] == iz)
+
+    def covering(self, key) -> list[int]:
+        """Windows covering cell ``key``, in MONAI's (C) order: the order their additions must be applied."""
+        ny, nz = self.counts[1], self.counts[2]
+        covs = [self._cov[d][key[d]] for d in range(3)]
+        return [(jx * ny + jy) * nz + jz for jx in covs[0] for jy in covs[1] for jz in covs[2]]
+
+    def order(self, kind: str = "monai") -> list[int]:
+        """Window processing order. ``monai``: C order. ``compact``: where MONAI pulls the last window of an axis
+        back (its overlap with the previous one exceeds the others), the last two starts of that axis form one
+        group; windows are visited group-tile by group-tile (C order over groups, then C order inside), which
+        keeps the live overlap band to the regular overlap. Additions stay in MONAI's order per voxel
+        (out-of-order contributions wait in the cell's pending list)."""
+        n = self.plan.n_windows
+        if kind == "monai":
+            return list(range(n))
+        if kind != "compact":
+            raise SpecError(f"window order must be 'monai' or 'compact', got {kind!r}")
+        groups = []
+        for d in range(3):
+            st, iv = self.plan.starts[d], self.plan.interval[d]
+            g = list(range(len(st)))
+            if len(st) >= 2 and st[-1] - st[-2] < iv:
+                g[-1] = g[-2]
+            groups.append(g)
+
+        def key(i):
+            ix, iy, iz = self.window_index(i)
+            return (groups[0][ix], groups[1][iy], groups[2][iz], ix, iy, iz)
+
+        return sorted(range(n), key=key)
+
+    def simulate(self, order: Sequence[int], cell_bytes_per_voxel: int, pending_bytes_per_voxel: int) -> int:
+        """Peak bytes of live cells plus pending (out-of-order) contributions, replaying the stitcher exactly."""
+        live: dict = {}
+        cur = peak = 0
+        self.peak_live_cells = 0
+        for i in order:
+            for key, _, _, shape, _ in self.cells_of(i):
+                vox = shape[0] * shape[1] * shape[2]
+                st = live.get(key)
+                if st is None:
+                    st = live[key] = [0, self.covering(key), set()]
+                    cur += vox * cell_bytes_per_voxel
+                    peak = max(peak, cur)
+                    self.peak_live_cells = max(self.peak_live_cells, len(live))
+                pos, exp, pend = st
+                if exp[pos] == i:
+                    pos += 1
+                    while pos < len(exp) and exp[pos] in pend:
+                        pend.discard(exp[pos])
+                        cur -= vox * pending_bytes_per_voxel
+                        pos += 1
+                    st[0] = pos
+                else:
+                    pend.add(i)
+                    cur += vox * pending_bytes_per_voxel
+                    peak = max(peak, cur)
+                if pos == len(exp):
+                    del live[key]
+                    cur -= vox * cell_bytes_per_voxel
+        return peak
+
+    def max_cell_voxels(self) -> int:
+        return max(e - a for a, e in self.axes[0].bounds) * max(e - a for a, e in self.axes[1].bounds) * \
+            max(e - a for a, e in self.axes[2].bounds)
+
+
+def window_maxima(raw: np.ndarray, plan: WindowPlan) -> np.ndarray:
+    """Per-window maximum (over channels and the window's unpadded voxels) of ``raw (C, X, Y, Z)``.
+
+    One pass over the image: the maximum of every cell (a block of the window grid), then per window the
+    maximum of its cells. Padded voxels are ignored (replicate padding repeats voxels of the window itself).
+    """
+    raw = np.asarray(raw)
+    if raw.ndim != 4 or tuple(raw.shape[1:]) != tuple(plan.spatial_shape):
+        raise VolumeError(f"window_maxima: expected an image (C, {', '.join(map(str, plan.spatial_shape))}), "
+                          f"received shape {tuple(raw.shape)}")
+    grid = CellGrid(plan)
+    X, Y, Z = grid.axes
+    cmax = np.empty((len(X.bounds), len(Y.bounds), len(Z.bounds)), dtype=np.float64)
+    for a, (x0, x1) in enumerate(X.bounds):
+        for b, (y0, y1) in enumerate(Y.bounds):
+            for c, (z0, z1) in enumerate(Z.bounds):
+                cmax[a, b, c] = raw[:, x0:x1, y0:y1, z0:z1].max()
+    out = np.empty(plan.n_windows, dtype=np.float64)
+    for i in range(plan.n_windows):
+        ix, iy, iz = grid.window_index(i)
+        xs = [c for c, _, _ in X.per_start[ix]]
+        ys = [c for c, _, _ in Y.per_start[iy]]
+        zs = [c for c, _, _ in Z.per_start[iz]]
+        out[i] = cmax[np.ix_(xs, ys, zs)].max()
+    return out
+
+
+# ---- memory formula ---------------------------------------------------------------------------
 def ufunc_scratch_bytes() -> int:
     """Upper bound of NumPy's transient ufunc iteration buffers in one kernel call (3 float32 operands)."""
     return 3 * np.getbufsize() * 4
 
 
+def _accum(accum_dtype) -> type:
+    key = np.dtype(accum_dtype).name if not isinstance(accum_dtype, str) else accum_dtype
+    if key not in ACCUM_DTYPES:
+        raise SpecError(f"accum_dtype must be one of {sorted(ACCUM_DTYPES)}, got {accum_dtype!r}")
+    return ACCUM_DTYPES[key]
+
+
+def stitch_buffers(spatial_shape, spec: InferenceSpec, num_classes: int, in_channels: int = 1, *,
+                   accum_dtype="float32", slabs: bool = False, threads: bool = False, skip: bool = False,
+                   inplace_weighting: bool = False, order: str | None = None) -> dict[str, int]:
+    """The stitcher's buffers for a volume of ``spatial_shape``, in bytes, by term (see the module docstring)."""
+    plan = plan_windows(spatial_shape, spec)
+    k, c, b = int(num_classes), int(in_channels), int(spec.sw_batch_size)
+    a = np.dtype(_accum(accum_dtype)).itemsize
+    win = int(np.prod(plan.roi_size))
+    grid = CellGrid(plan)
+    _, y, z = plan.spatial_shape
+    out = {
+        "cells": grid.simulate(grid.order(_order_kind(order, spec)), k * a + 4, a * k),
+        "importance_map": 4 * win,
+        "skip_constant": 4 * win if skip else 0,
+        "input_batches": (3 if threads else 1) * 4 * b * c * win,
+        # with inplace_weighting the first weighted batch is the backend's own output buffer (counted in its
+        # workspace, see segrt.engine.budget.measure_workspace); each further one in flight is extra
+        "weighted_batches": ((2 if threads else 1) - (1 if inplace_weighting else 0)) * 4 * b * k * win,
+        "fp16_quotient": 4 * k * _quotient_voxels(grid) if a == 2 else 0,
+        "slab": 0,
+        "ufunc_scratch": ufunc_scratch_bytes(),
+        # Python objects: window lists (~128 B per window) and per live cell its arrays' headers, lists, dict
+        "bookkeeping": BOOKKEEPING_PER_WINDOW * plan.n_windows + BOOKKEEPING_PER_CELL * grid.peak_live_cells,
+    }
+    if slabs:
+        rows = max(hi - lo for lo, hi in (_unpadded_rows(plan, s, e) for s, e in slab_bounds(plan)))
+        out["slab"] = 4 * k * rows * y * z
+    return out
+
+
+def stitch_peak_bytes(spatial_shape, spec: InferenceSpec, num_classes: int, in_channels: int = 1, *,
+                      accum_dtype="float32", slabs: bool = True, threads: bool = False, skip: bool = False,
+                      inplace_weighting: bool = False, order: str | None = None) -> int:
+    """Peak bytes of the stitcher's buffers (the module docstring's formula; ``slabs``: row slabs are
+    assembled, as :func:`sliding_window_stream` does; False for :func:`sliding_window_blocks`)."""
+    return sum(stitch_buffers(spatial_shape, spec, num_classes, in_channels, accum_dtype=accum_dtype, slabs=slabs,
+                              threads=threads, skip=skip, inplace_weighting=inplace_weighting,
+                              order=order).values())
+
+
+def _quotient_voxels(grid: CellGrid) -> int:
+    """Most voxels of one float32 quotient chunk in float16 mode (rows of a cell, ``QUOTIENT_CHUNK_VOXELS``)."""
+    dyz = max(e - a for a, e in grid.axes[1].bounds) * max(e - a for a, e in grid.axes[2].bounds)
+    dx = max(e - a for a, e in grid.axes[0].bounds)
+    return min(dx, max(1, QUOTIENT_CHUNK_VOXELS // dyz)) * dyz
+
+
+def _order_kind(order: str | None, spec: InferenceSpec) -> str:
+    """Default window order: ``compact`` when batches are single windows (a batch's composition then cannot
+    change any network output), MONAI's own order otherwise (its batches are kept as they are)."""
+    if order is None:
+        return "compact" if int(spec.sw_batch_size) == 1 else "monai"
+    if order not in ("monai", "compact"):
+        raise SpecError(f"window order must be 'monai' or 'compact', got {order!r}")
+    return order
+
+
+# ---- windows ----------------------------------------------------------------------------------
 def _extract_window(image: np.ndarray, start, plan: WindowPlan, spec: InferenceSpec, out: np.ndarray) -> None:
     """Copy window ``start`` (padded coordinates) of the virtually padded ``image`` into ``out`` (C, rx, ry, rz).
 
@@ -115,19 +390,165 @@ def _check_image(image) -> np.ndarray:
     return image.astype(np.float32, copy=False)
 
 
-def sliding_window_stream(image: np.ndarray, spec: InferenceSpec, predict: Predict, num_classes: int, *,
-                          progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """Sliding-window inference of ``image`` (C, X, Y, Z), streamed as finished slabs of axis-0 rows.
+def physical_core_cpus() -> list[int]:
+    """One logical CPU per physical core this process may run on (hyper-thread siblings dropped)."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return list(range(os.cpu_count() or 1))
+    seen, out = set(), []
+    for cpu in allowed:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                sib = f.read().strip()
+        except OSError:
+            sib = str(cpu)
+        if sib not in seen:
+            seen.add(sib)
+            out.append(cpu)
+    return out or allowed
 
-    ``predict`` maps a float32 batch ``(b, C, rx, ry, rz)`` (``b <= sw_batch_size``; the array is reused
-    between calls, do not keep it) to ``(b, num_classes, rx, ry, rz)`` (float32, or float16, weighted as
-    MONAI weights a float16 output). Yields ``(x0, slab)``: ``slab`` is float32 ``(K, rows, Y, Z)``, the final
-    (count-divided) output for rows ``[x0, x0+rows)`` of the unpadded volume; slabs come in increasing
-    ``x0`` and cover every row exactly once. With identical network outputs the concatenation is
-    bit-identical to ``monai.inferers.sliding_window_inference`` (``buffer_steps=None``).
-    ``progress(n)`` is called after each batch with the number ``n`` of windows in that batch (tqdm's
-    ``update`` fits); the calls sum to the number of windows.
-    Peak memory: see the module docstring and :func:`stitch_peak_bytes`.
+
+def _pin_current_thread(cpus: Sequence[int]) -> None:
+    try:
+        os.sched_setaffinity(0, set(cpus))  # pid 0: the calling thread (Linux)
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not Linux / not permitted
+        pass
+
+
+_MALLOC_FIXED = False
+
+
+def fix_malloc_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation of ``nbytes`` or more with its own mmap (returned to the system on
+    free). glibc otherwise raises that threshold after the first large free (up to 32 MiB), and the stitcher's
+    many cell-sized arrays then fragment the heap: resident memory grows past the live set (measured +8 % on a
+    256³ × 105-class job). Process-wide; done once; False where not glibc."""
+    global _MALLOC_FIXED
+    if _MALLOC_FIXED:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        _MALLOC_FIXED = bool(libc.mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        _MALLOC_FIXED = False
+    return _MALLOC_FIXED
+
+
+class _Stop(Exception):
+    pass
+
+
+def _threaded(batches, gather, infer, slots: int = 2):
+    """Yield ``(windows, weighted)`` of each batch, gathering and inferring ahead in two pinned threads.
+
+    At most ``slots`` weighted batches exist at once (the one the caller stitches and the one being inferred);
+    the caller must call the returned ``release`` after it is done with each batch.
+    """
+    q_in: queue.Queue = queue.Queue(maxsize=1)
+    q_out: queue.Queue = queue.Queue()
+    sem = threading.Semaphore(slots)
+    stop = threading.Event()
+    cpus = physical_core_cpus()
+
+    def put(q, item):
+        while True:
+            if stop.is_set():
+                raise _Stop
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def get(q):
+        while True:
+            if stop.is_set():
+                raise _Stop
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+    def gatherer():
+        _pin_current_thread(cpus)
+        try:
+            for bw in batches:
+                put(q_in, ("ok", bw, gather(bw)))
+            put(q_in, ("end", None, None))
+        except _Stop:
+            return
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            try:
+                put(q_in, ("error", exc, None))
+            except _Stop:
+                return
+
+    def inferer():
+        _pin_current_thread(cpus)
+        try:
+            while True:
+                kind, bw, buf = get(q_in)
+                if kind != "ok":
+                    put(q_out, (kind, bw, None))
+                    return
+                while not sem.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                try:
+                    wb = infer(buf)
+                except BaseException as exc:  # noqa: BLE001
+                    put(q_out, ("error", exc, None))
+                    return
+                del buf
+                put(q_out, ("ok", bw, wb))
+        except _Stop:
+            return
+
+    threads = [threading.Thread(target=gatherer, name="segrt-gather", daemon=True),
+               threading.Thread(target=inferer, name="segrt-infer", daemon=True)]
+    for t in threads:
+        t.start()
+
+    def gen():
+        try:
+            while True:
+                kind, bw, wb = q_out.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise bw
+                yield bw, wb
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+
+    return gen(), sem.release
+
+
+def sliding_window_blocks(image: np.ndarray, spec: InferenceSpec, predict: Predict, num_classes: int, *,
+                          progress: Callable[[int], None] | None = None, accum_dtype="float32",
+                          skip: Sequence[bool] | np.ndarray | None = None, background_class: int = 0,
+                          skip_margin: float = SKIP_MARGIN, threads: bool = False,
+                          inplace_weighting: bool = False,
+                          order: str | None = None) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
+    """Sliding-window inference of ``image`` (C, X, Y, Z), streamed as finished blocks.
+
+    ``predict`` maps a float32 batch ``(b, C, rx, ry, rz)`` (``b <= sw_batch_size``; do not keep the array) to
+    ``(b, num_classes, rx, ry, rz)`` (float32, or float16, weighted as MONAI weights a float16 output).
+    Yields ``((x0, y0, z0), block)``: ``block`` is float32 ``(K, dx, dy, dz)``, the final (count-divided)
+    output of that box of the unpadded volume. Blocks tile the volume exactly once; a block is a buffer of the
+    stitcher that the consumer may modify (e.g. softmax in place) but must not keep past the next iteration.
+    With ``accum_dtype="float32"`` and identical network outputs the assembled result is bit-identical to
+    ``monai.inferers.sliding_window_inference`` (``buffer_steps=None``); ``"float16"`` rounds every addition
+    to float16 (half the memory; a reduced-precision path). ``skip``: one flag per window (see the module
+    docstring). ``threads``: gather / infer ahead in background threads (bit-identical). ``inplace_weighting``:
+    weight the array ``predict`` returns in place (it must be a fresh array; saves one batch buffer).
+    ``progress(n)`` is called after each batch with the windows handled since the last call (skipped ones
+    included); the calls sum to the number of windows. Peak memory: :func:`stitch_peak_bytes` (``slabs=False``).
     """
     image = _check_image(image)
     if not isinstance(spec, InferenceSpec):
@@ -135,67 +556,200 @@ def sliding_window_stream(image: np.ndarray, spec: InferenceSpec, predict: Predi
     k = int(num_classes)
     if k < 1:
         raise InferenceError(f"num_classes must be >= 1, got {num_classes}")
+    acc_t = _accum(accum_dtype)
+    fix_malloc_mmap_threshold()
     c = image.shape[0]
     plan = plan_windows(image.shape[1:], spec)
+    grid = CellGrid(plan)
     roi = plan.roi_size
-    rx = roi[0]
-    _, yp, zp = plan.padded_shape
-    crop_y, crop_z = plan.crop[1], plan.crop[2]
     bsz = int(spec.sw_batch_size)
+    n_win = plan.n_windows
+    if skip is None:
+        skip_flags = np.zeros(n_win, dtype=bool)
+    else:
+        skip_flags = np.asarray(skip, dtype=bool).reshape(-1)
+        if skip_flags.shape != (n_win,):
+            raise InferenceError(f"skip must hold one flag per window ({n_win}), got {skip_flags.shape[0]}")
+    bg = int(background_class)
+    if skip_flags.any() and not 0 <= bg < k:
+        raise SpecError(f"background_class must be in [0, {k}), got {background_class}")
 
     weight = importance_map(roi, spec.blend_mode, spec.sigma_scale, spec.importance_profiles)
-    acc = np.zeros((k, rx, yp, zp), dtype=np.float32)
-    count = np.zeros((rx, yp, zp), dtype=np.float32)
-    batch_in = np.empty((bsz, c, *roi), dtype=np.float32)
-    weighted = np.empty((bsz, k, *roi), dtype=np.float32)
-
-    windows = plan.windows
-    n_win = len(windows)
-    per_x = len(plan.starts[1]) * len(plan.starts[2])  # windows per axis-0 start (contiguous in C order)
-    bounds = slab_bounds(plan)
+    skip_w = (np.float32(-float(skip_margin)) * weight) if skip_flags.any() else None
     expect = (k, *roi)
+    windows = plan.windows
+    seq = grid.order(_order_kind(order, spec))
+    run = [i for i in seq if not skip_flags[i]]
+    batches = [run[b:b + bsz] for b in range(0, len(run), bsz)]
 
-    for b0 in range(0, n_win, bsz):
-        nb = min(bsz, n_win - b0)
-        batch = windows[b0:b0 + nb]
-        for j, st in enumerate(batch):
-            _extract_window(image, st, plan, spec, batch_in[j])
-        pred = predict(batch_in[:nb])
+    def gather(bw, out=None):
+        buf = np.empty((len(bw), c, *roi), dtype=np.float32) if out is None else out[:len(bw)]
+        for j, i in enumerate(bw):
+            _extract_window(image, windows[i], plan, spec, buf[j])
+        return buf
+
+    weighted_buf = None if (inplace_weighting or threads) else np.empty((bsz, k, *roi), dtype=np.float32)
+
+    def infer(buf):
+        pred = predict(buf)
+        nb = buf.shape[0]
         if not isinstance(pred, np.ndarray):
             raise InferenceError(f"predict must return a NumPy array, got {type(pred).__name__}")
         if pred.shape != (nb, *expect):
             raise InferenceError(f"predict returned shape {pred.shape}; expected {(nb, *expect)} "
                                  f"(batch, num_classes, *roi_size)")
-        wb = weight_batch(pred, weight, weighted[:nb])
-        del pred
-        j = 0
-        while j < nb:
-            gi = (b0 + j) // per_x  # index of this window's axis-0 start
-            e = min(nb, (gi + 1) * per_x - b0)
-            accumulate_windows(acc, count, wb[j:e], weight, batch[j:e])
-            j = e
-            if b0 + e == (gi + 1) * per_x:  # every window of this axis-0 start is in
-                lo, hi = bounds[gi]
-                ulo, uhi = _unpadded_rows(plan, lo, hi)
-                if uhi > ulo:
-                    low = plan.pads[0][0]
-                    slab = np.empty((k, uhi - ulo, crop_y.stop - crop_y.start, crop_z.stop - crop_z.start),
-                                    dtype=np.float32)
-                    finalize_rows(acc, count, ulo + low, uhi + low, (crop_y, crop_z), slab)
-                    clear_rows(acc, count, lo, hi)
-                    yield ulo, slab
-                    del slab
-                else:
-                    clear_rows(acc, count, lo, hi)
-        if progress is not None:
-            progress(nb)
+        if weighted_buf is not None:
+            return weight_batch(pred, weight, weighted_buf[:nb])
+        if inplace_weighting and pred.dtype == np.float32 and pred.flags.writeable and pred.flags.c_contiguous:
+            return weight_batch(pred, weight, pred)
+        return weight_batch(pred, weight, np.empty((nb, *expect), dtype=np.float32))
+
+    if threads and batches:
+        source, release = _threaded(batches, gather, infer)
+    else:
+        in_buf = np.empty((bsz, c, *roi), dtype=np.float32) if batches else None
+        source = ((bw, infer(gather(bw, in_buf))) for bw in batches)
+
+        def release():
+            return None
+
+    live: dict = {}
+    pending = 0  # windows handled since the last progress call
+
+    def apply(acc, cnt, contrib, sub):
+        if contrib is None:  # a skipped window: constant logits, 0 for the background, -margin elsewhere
+            s = skip_w[sub]
+            np.add(acc[:bg], s, out=acc[:bg], casting="unsafe")
+            np.add(acc[bg + 1:], s, out=acc[bg + 1:], casting="unsafe")
+        else:
+            np.add(acc, contrib, out=acc, casting="unsafe")  # float32 + float32 (or rounded to float16)
+        np.add(cnt, weight[sub], out=cnt)
+
+    def add(i, wpred):
+        """Add window i (weighted prediction, or None when skipped); yield the cells that become final.
+
+        Per cell, contributions are applied in MONAI's window order; one that arrives early (``compact``
+        order) waits, copied, in the cell's pending list until the windows before it are in."""
+        for key, sub, origin, shape, _ in grid.cells_of(i):
+            st = live.get(key)
+            if st is None:
+                st = live[key] = [np.zeros((k, *shape), dtype=acc_t), np.zeros(shape, dtype=np.float32), 0,
+                                  grid.covering(key), {}]
+            acc, cnt, pos, exp, pend = st
+            contrib = None if wpred is None else wpred[(slice(None), *sub)]
+            if exp[pos] == i:
+                apply(acc, cnt, contrib, sub)
+                pos += 1
+                while pos < len(exp) and exp[pos] in pend:
+                    c2, s2 = pend.pop(exp[pos])
+                    apply(acc, cnt, c2, s2)
+                    pos += 1
+                st[2] = pos
+            else:  # early: wait (float16 mode: rounded to float16 now, as its addition would round anyway)
+                pend[i] = (None if contrib is None else contrib.astype(acc_t, copy=True), sub)
+            del contrib
+            if pos == len(exp):
+                del live[key]
+                if acc_t is np.float32:
+                    out = np.divide(acc, cnt, out=acc)
+                    del st, acc
+                    yield origin, out
+                    del out
+                else:  # float32 quotient, a few rows at a time
+                    step = max(1, QUOTIENT_CHUNK_VOXELS // (shape[1] * shape[2]))
+                    del st
+                    for r in range(0, shape[0], step):
+                        out = np.divide(acc[:, r:r + step], cnt[r:r + step], dtype=np.float32)
+                        yield (origin[0] + r, origin[1], origin[2]), out
+                        del out
+                    del acc
+
+    si = 0  # position in seq of the next window to add
+    try:
+        for bw, wb in source:
+            for j, i in enumerate(bw):
+                while seq[si] != i:  # skipped windows before this one
+                    yield from add(seq[si], None)
+                    si += 1
+                    pending += 1
+                yield from add(i, wb[j])
+                si += 1
+                pending += 1
+            del wb
+            release()
+            if progress is not None:
+                progress(pending)
+                pending = 0
+        while si < n_win:
+            yield from add(seq[si], None)
+            si += 1
+            pending += 1
+        if progress is not None and pending:
+            progress(pending)
+    finally:
+        if hasattr(source, "close"):
+            source.close()
+    if live:  # every cell has a last window; anything left is a bug
+        raise InferenceError(f"internal: {len(live)} stitching cell(s) never finished")
+
+
+def sliding_window_stream(image: np.ndarray, spec: InferenceSpec, predict: Predict, num_classes: int, *,
+                          progress: Callable[[int], None] | None = None,
+                          transform: Callable[[np.ndarray], object] | None = None,
+                          **kwargs) -> Iterator[tuple[int, np.ndarray]]:
+    """Sliding-window inference of ``image`` (C, X, Y, Z), streamed as finished slabs of axis-0 rows.
+
+    Yields ``(x0, slab)``: ``slab`` is float32 ``(K, rows, Y, Z)``, the final output for rows ``[x0, x0+rows)``
+    of the unpadded volume (the rows of one axis-0 window start); slabs come in increasing ``x0`` and cover every
+    row exactly once. The slab is assembled from :func:`sliding_window_blocks` (``kwargs`` are passed on);
+    ``transform(block)`` (e.g. an in-place softmax) is applied to each block first. With identical network
+    outputs the concatenation is bit-identical to ``monai.inferers.sliding_window_inference``.
+    Peak memory: :func:`stitch_peak_bytes` (``slabs=True``).
+    """
+    image = _check_image(image)
+    plan = plan_windows(image.shape[1:], spec)
+    k = int(num_classes)
+    _, y, z = plan.spatial_shape
+    groups = []
+    for lo, hi in slab_bounds(plan):
+        ulo, uhi = _unpadded_rows(plan, lo, hi)
+        if uhi > ulo:
+            groups.append((ulo, uhi))
+    gi = 0
+    slab = None
+    filled = 0
+    for (x0, y0, z0), block in sliding_window_blocks(image, spec, predict, num_classes, progress=progress,
+                                                     **kwargs):
+        if transform is not None:
+            transform(block)
+        while gi < len(groups) and x0 >= groups[gi][1]:
+            gi += 1
+        if slab is None:
+            lo, hi = groups[gi]
+            slab = np.empty((k, hi - lo, y, z), dtype=np.float32)
+            filled = 0
+        lo, hi = groups[gi]
+        dx, dy, dz = block.shape[1:]
+        if not (lo <= x0 and x0 + dx <= hi):
+            raise InferenceError(f"internal: block rows {x0}:{x0 + dx} outside slab {lo}:{hi}")
+        slab[:, x0 - lo:x0 - lo + dx, y0:y0 + dy, z0:z0 + dz] = block
+        filled += dx * dy * dz
+        del block
+        if filled == (hi - lo) * y * z:
+            out, slab = slab, None
+            yield lo, out
+            del out
+            gi += 1
+    if slab is not None or gi != len(groups):
+        raise InferenceError("internal: the stitcher ended before every row was final")
 
 
 def sliding_window_full(image: np.ndarray, spec: InferenceSpec, predict: Predict, num_classes: int, *,
-                        progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """The whole stitched output ``(K, X, Y, Z)`` float32 (concatenation of :func:`sliding_window_stream`)."""
+                        progress: Callable[[int], None] | None = None, **kwargs) -> np.ndarray:
+    """The whole stitched output ``(K, X, Y, Z)`` float32 (assembled from :func:`sliding_window_blocks`)."""
     image = _check_image(image)
     out = np.empty((int(num_classes), *image.shape[1:]), dtype=np.float32)
-    for x0, slab in sliding_window_stream(image, spec, predict, num_classes, progress=progress):
-        out[:, x0:x0 + slab.shape[1]] = slab
+    for (x0, y0, z0), block in sliding_window_blocks(image, spec, predict, num_classes, progress=progress,
+                                                     **kwargs):
+        out[:, x0:x0 + block.shape[1], y0:y0 + block.shape[2], z0:z0 + block.shape[3]] = block
     return out

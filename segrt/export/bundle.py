@@ -13,6 +13,7 @@ torch and monai are imported lazily (inside the functions): importing this modul
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import logging
@@ -27,6 +28,7 @@ from segrt.spec import (
     IntensityOp,
     Postprocessing,
     Preprocessing,
+    SkipRule,
     SpacingSpec,
     Spec,
 )
@@ -620,8 +622,42 @@ def spec_from_parser(parser) -> Spec:
     if names and (max(names) >= cout or min(names) < 0):
         raise SpecError(f"metadata channel_def names labels {sorted(names)[:3]}...{max(names)} but the "
                         f"network has {cout} output channels")
+    rule = ct_skip_rule(meta, pre, names)
+    if rule is not None:
+        inf = dataclasses.replace(inf, skip_rule=rule)
     return Spec(in_channels=cin, num_classes=cout, preprocessing=pre, inference=inf,
                 postprocessing=post, class_names=names)
+
+
+#: Air threshold (HU) of the skip rule derived for CT bundles: air is about -1000 HU, lung parenchyma about
+#: -850 HU but always with vessels above -500 HU in any 96-voxel window, fat -100 HU, soft tissue > 0 HU.
+CT_AIR_THRESHOLD_HU = -500.0
+
+
+def ct_skip_rule(meta: dict, pre: Preprocessing, names: dict[int, str]) -> SkipRule | None:
+    """The skip rule of a CT bundle, or None.
+
+    A bundle is CT when ``metadata.json`` names the modality of an input ``"CT"``
+    (``network_data_format.inputs.*.modality``), or, when it names no modality, when its intensity transforms
+    hold a Hounsfield window (``scale_intensity_range`` with ``a_min <= -100``). Its windows whose resampled (not yet normalised)
+    input is below -500 HU everywhere are skipped and count as class 0 — only when class 0 is the background
+    (named "background", or unnamed).
+    """
+    modalities = []
+    try:
+        for entry in (meta.get("network_data_format", {}).get("inputs") or {}).values():
+            if isinstance(entry, dict) and entry.get("modality") is not None:
+                modalities.append(str(entry["modality"]).strip().upper())
+    except AttributeError:
+        modalities = []
+    hu_window = any(op.op == "scale_intensity_range" and op.params.get("a_min") is not None
+                    and float(op.params["a_min"]) <= -100 for op in pre.intensity)
+    is_ct = "CT" in modalities or (hu_window and not modalities)
+    if not is_ct:
+        return None
+    if names and names.get(0, "background").strip().lower() not in ("background", "bg"):
+        return None
+    return SkipRule(kind="max_below", threshold=CT_AIR_THRESHOLD_HU, background_class=0)
 
 
 def spec_from_bundle(bundle_dir, overrides: dict | None = None) -> Spec:

@@ -510,6 +510,10 @@ class ProbabilityInverter:
         self.dtype = np.dtype(dtype)
         self.labels = np.zeros(self.out_shape, dtype=self.dtype)
         self._streaming = is_diagonal(self.M) and self.M[0, 0] > 0
+        # identity M on equal grids (no Spacingd, or a no-op one: MONAI's Invertd changes nothing, e.g. the
+        # whole-brain bundle): each source row is its own output row, interpolation weights are exactly 1 and 0,
+        # so argmax of the slab itself is bit-identical and skips the C x slab float64 temporaries
+        self._identity = bool(np.array_equal(self.M, np.eye(4))) and self.src_shape == self.out_shape
         self._next_src = 0  # next expected source row
         self._next_out = 0  # next output row to emit
         self._buf: np.ndarray | None = None  # kept source rows [self._buf_start, self._next_src)
@@ -529,6 +533,11 @@ class ProbabilityInverter:
         if self._next_src + probs.shape[1] > n[0]:
             raise SpecError(f"slab rows {x0}:{x0 + probs.shape[1]} exceed the source grid of {n[0]} rows")
         self._next_src += probs.shape[1]
+        if self._identity:
+            start = int(x0)
+            self.labels[start:self._next_src] = _argmax0(probs, self.dtype)
+            self._next_out = self._next_src
+            return start, self.labels[start:self._next_src]
         if not self._streaming:
             self._collected.append(np.array(probs, dtype=np.float32, copy=True))
             return None

@@ -47,6 +47,7 @@ def physical_cores() -> int:
 class OrtCpuBackend(Backend):
     name = "ort-cpu"
     device = "cpu"
+    fresh_outputs = True  # infer() returns a new array per call: the stitcher may weight it in place
 
     def __init__(self, model_path, in_channels, num_classes, roi_size, max_batch,
                  input_name="input", output_name="output", threads: int | None = None):

@@ -1,0 +1,184 @@
+"""Plan a CPU segmentation under a declared RAM budget (``segrt run --max-memory SIZE``).
+
+The engine's memory, by phase (bytes; ``V_in`` input voxels, ``V`` preprocessed voxels, ``C`` channels, ``L``
+bytes per label (1 or 2))::
+
+    preprocess = base + input + 3 · 4·C·V                      # resampled image + intensity-op temporaries
+    stitch     = base + input + 4·C·V + L·V                    # input, preprocessed image, labels on that grid
+                 + stitch_peak_bytes(V's shape, batch, accum, threads, skip)   # segrt.engine.stitch
+                 + workspace                                   # the backend's own (ONNX Runtime arena)
+    invert     = base + input + L·V + L·V_in + 8·V_in          # labels on both grids + index arithmetic
+    peak       = max(preprocess, stitch, invert)
+
+``input`` is the loaded volume's array, ``base`` the interpreter with numpy / nibabel / ONNX Runtime imported
+(:data:`BASE_BYTES`), ``workspace`` the backend's estimate (its ``workspace_bytes`` attribute, or measured by
+:func:`measure_workspace`: the process's RSS growth over one batch of zeros).
+
+:func:`plan_memory` tries, in order, until the peak fits the budget: the artifact's batch size with the
+float32 accumulator and the gather/infer threads; the same without threads; batch size 1; the float16
+accumulator (a reduced-precision path: every addition rounded to float16). If none fits it raises
+:class:`~segrt.errors.BudgetError` before anything runs, saying what the smallest plan needs, what was given,
+and what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from segrt.engine.stitch import stitch_buffers
+from segrt.errors import BudgetError, SpecError
+from segrt.spec import InferenceSpec
+
+__all__ = ["parse_size", "format_size", "MemoryPlan", "plan_memory", "measure_workspace", "rss_bytes",
+           "BASE_BYTES"]
+
+#: Resident memory of a Python process with numpy, nibabel and onnxruntime imported and a small session.
+BASE_BYTES = 160 * 2 ** 20
+
+_UNITS = {"": 1, "B": 1, "K": 2 ** 10, "KB": 10 ** 3, "KIB": 2 ** 10, "M": 2 ** 20, "MB": 10 ** 6, "MIB": 2 ** 20,
+          "G": 2 ** 30, "GB": 10 ** 9, "GIB": 2 ** 30, "T": 2 ** 40, "TB": 10 ** 12, "TIB": 2 ** 40}
+
+
+def parse_size(text) -> int:
+    """``"1.5G"`` → bytes. Units: K, M, G, T (powers of 1024, also KiB …), KB, MB, GB, TB (powers of 1000)."""
+    if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
+        if text <= 0:
+            raise BudgetError(f"memory budget must be positive, got {text}")
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise BudgetError(f"memory size must look like 1.5G, 800M or 2GiB, got {text!r}")
+    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value < 1:
+        raise BudgetError(f"memory budget must be positive, got {text!r}")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    for unit, f in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= f:
+            return f"{n / f:.2f} {unit}"
+    return f"{n} B"
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measure_workspace(backend, batch: int) -> int:
+    """The backend's working memory for a batch of ``batch`` windows: the RSS growth over two inferences of
+    zeros, each output dropped before the next. ONNX Runtime allocates its outputs in its arena and keeps the
+    arena, so this includes one output batch (the one the stitcher weights in place) and the steady state."""
+    known = getattr(backend, "workspace_bytes", None)
+    if known is not None:
+        return int(known)
+    x = np.zeros((batch, backend.in_channels, *backend.roi_size), dtype=np.float32)
+    before = rss_bytes()
+    for _ in range(2):
+        out = backend.infer(x)
+        del out
+    return max(rss_bytes() - before, 0)
+
+
+@dataclass
+class MemoryPlan:
+    """What :func:`plan_memory` chose and its bytes by phase / term."""
+
+    budget: int | None
+    sw_batch_size: int
+    accum_dtype: str
+    threads: bool
+    peak: int
+    phases: dict = field(default_factory=dict)
+    terms: dict = field(default_factory=dict)
+
+    def inference_spec(self, spec: InferenceSpec) -> InferenceSpec:
+        return spec if spec.sw_batch_size == self.sw_batch_size else \
+            dataclasses.replace(spec, sw_batch_size=self.sw_batch_size)
+
+    def to_dict(self) -> dict:
+        return {"budget_bytes": self.budget, "sw_batch_size": self.sw_batch_size, "accum_dtype": self.accum_dtype,
+                "threads": self.threads, "peak_bytes": self.peak, "phases": dict(self.phases),
+                "terms": dict(self.terms)}
+
+
+def estimate(spec: InferenceSpec, num_classes: int, in_channels: int, input_shape, preprocessed_shape, *,
+             input_bytes: int, label_bytes: int, workspace: int, accum_dtype: str, threads: bool, skip: bool,
+             slabs: bool, inplace_weighting: bool, order: str | None = None,
+             base: int = BASE_BYTES) -> MemoryPlan:
+    """Bytes of one plan (the module docstring's formula)."""
+    v = int(np.prod(preprocessed_shape))
+    v_in = int(np.prod(input_shape))
+    c = int(in_channels)
+    st = stitch_buffers(preprocessed_shape, spec, num_classes, c, accum_dtype=accum_dtype, slabs=slabs,
+                        threads=threads, skip=skip, inplace_weighting=inplace_weighting, order=order)
+    stitch = sum(st.values())
+    phases = {
+        "preprocess": base + input_bytes + 3 * 4 * c * v,
+        "stitch": base + input_bytes + 4 * c * v + label_bytes * v + stitch + workspace,
+        "invert": base + input_bytes + label_bytes * v + label_bytes * v_in + 8 * v_in,
+    }
+    terms = {"base": base, "input": input_bytes, "preprocessed": 4 * c * v, "labels": label_bytes * v,
+             "labels_input_grid": label_bytes * v_in, "workspace": workspace,
+             **{f"stitch_{k}": val for k, val in st.items()}}
+    return MemoryPlan(None, spec.sw_batch_size, accum_dtype, threads, max(phases.values()), phases, terms)
+
+
+def plan_memory(spec: InferenceSpec, num_classes: int, in_channels: int, input_shape, preprocessed_shape,
+                budget: int | None, *, input_bytes: int, label_bytes: int, workspace, skip: bool, slabs: bool,
+                inplace_weighting: bool, threads: bool = True, accum_dtype: str | None = None,
+                order: str | None = None, base: int = BASE_BYTES) -> MemoryPlan:
+    """The first plan (see the module docstring) whose peak fits ``budget`` (None: the first plan).
+
+    ``workspace``: bytes, or a callable ``batch -> bytes`` (called only for batch sizes tried).
+    ``accum_dtype``: fixed by the caller (None: the planner may fall back to float16).
+    """
+    if not isinstance(spec, InferenceSpec):
+        raise SpecError(f"plan_memory expects an InferenceSpec, got {type(spec).__name__}")
+    ws_cache: dict = {}
+
+    def ws(b):
+        if b not in ws_cache:
+            ws_cache[b] = int(workspace(b)) if callable(workspace) else int(workspace)
+        return ws_cache[b]
+
+    b0 = int(spec.sw_batch_size)
+    accs = [accum_dtype] if accum_dtype else ["float32", "float16"]
+    candidates = []
+    for acc in accs:
+        for b, th in ((b0, threads), (b0, False), (1, False)):
+            if (b, th, acc) not in candidates and not (th and not threads):
+                candidates.append((b, th, acc))
+    tried = []
+    for b, th, acc in candidates:
+        sp = spec if b == b0 else dataclasses.replace(spec, sw_batch_size=b)
+        p = estimate(sp, num_classes, in_channels, input_shape, preprocessed_shape, input_bytes=input_bytes,
+                     label_bytes=label_bytes, workspace=ws(b), accum_dtype=acc, threads=th, skip=skip, slabs=slabs,
+                     inplace_weighting=inplace_weighting, order=order, base=base)
+        p.budget = budget
+        if budget is None or p.peak <= budget:
+            return p
+        tried.append(p)
+    best = min(tried, key=lambda p: p.peak)
+    worst_phase = max(best.phases, key=best.phases.get)
+    big = sorted(((k, v) for k, v in best.terms.items() if v), key=lambda kv: -kv[1])[:4]
+    hint = ("allow the float16 accumulator (drop accum_dtype='float32') or " if "float16" not in accs else "")
+    raise BudgetError(
+        f"memory budget {format_size(budget)} cannot be met: the smallest plan (sw_batch_size {best.sw_batch_size}, "
+        f"{best.accum_dtype} accumulator, threads {'on' if best.threads else 'off'}) needs {format_size(best.peak)} "
+        f"in its {worst_phase} phase (largest terms: "
+        + ", ".join(f"{k} {format_size(v)}" for k, v in big)
+        + f"); {hint}give at least --max-memory {format_size(best.peak)}, or use a smaller / lower-resolution "
+          f"input or an artifact with fewer classes")
