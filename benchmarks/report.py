@@ -40,8 +40,10 @@ def cpu_section() -> list[str]:
             continue
         med, rat = d["medians"], d.get("ratios", {})
         mon, seg = med.get("monai") or {}, med.get("segrt") or {}
+        agree = [a["agreement"] for a in d.get("agreement", []) if isinstance(a.get("agreement"), float)]
+        agree_s = f"{min(agree):.5f}" if agree else "—"
         out += [f"**wholeBody {res}, CPU** (`{path.relative_to(REPO)}`; {_machine(d['machine'])}; "
-                f"windows {d.get('windows')}, label agreement {d.get('agreement', {}).get('min', d.get('agreement'))})", "",
+                f"windows {d.get('windows')}, label agreement {agree_s})", "",
                 "| | MONAI bundle pipeline | segrt run |", "|---|---|---|"]
 
         def cell(x, key, fmt):
@@ -54,7 +56,8 @@ def cpu_section() -> list[str]:
             if isinstance(rat.get(k), (int, float)):
                 out.append(f"| {k.replace('_', ' ')} | | {rat[k]:.2f}× |")
         for n in d.get("notes", [])[:3]:
-            out.append(f"\n_{n}_")
+            if "matplotlib" not in n:
+                out.append(f"\n_{n}_")
         out.append("")
     return out
 

@@ -118,22 +118,11 @@ def select_backend(artifact, device: str = "auto", variant: str | None = None, t
     if variant not in VARIANTS and variant not in artifact.variants:
         raise BackendUnavailable(f"unknown variant {variant!r}; expected fp32, fp16 or None (the backend's "
                                  f"choice)")
-    if device == "cpu":
+    if device == "cpu" or (device == "openvino" and variant is None):
         cpu_rejected: list[str] = []
         try:
             backend = _cpu_choice(device, artifact, variant, threads, cpu_rejected)
-        except ArtifactError as exc:
-            raise BackendUnavailable(f"device={device}: {exc}") from None
-        reason = f"device={device}: {_describe(backend)}"
-        if cpu_rejected:
-            reason += " (rejected " + "; ".join(cpu_rejected) + ")"
-        log.info("segrt: %s", reason)
-        return backend, reason
-    if device == "openvino" and variant is None:
-        cpu_rejected = []
-        try:
-            backend = _cpu_choice(device, artifact, None, threads, cpu_rejected)
-            if backend.name == "ort-cpu":  # no gated OpenVINO variant: OpenVINO in fp32
+            if device == "openvino" and backend.name == "ort-cpu":  # no gated OpenVINO variant: OpenVINO fp32
                 backend.close()
                 backend = _make("openvino", artifact, "fp32", threads)
         except ArtifactError as exc:
