@@ -10,8 +10,10 @@ How it runs on a GPU:
   type for half inputs). The torch program keeps these as single aten ops (``torch.export``), so the
   rules apply. ``cache_enabled=False`` because autocast's weight-cast cache must not be used while a
   CUDA graph is captured (torch's CUDA-graph documentation).
-* **channels-last 3D** (``torch.channels_last_3d``) weights and input: cuDNN's fastest 3D conv kernels
-  on tensor cores use NDHWC.
+* **channels-last 3D** (``torch.channels_last_3d``) weights and input: optional (``channels_last=True``),
+  **off by default** because it was slower for monai's SegResNet on the lent H200 (torch 2.11, cuDNN 9.19,
+  fp16 96³: 24.1 vs 20.8 ms at batch 1, 45.5 vs 33.9 ms at batch 4; 2026-11-26), despite NDHWC being cuDNN's
+  preferred tensor-core layout for 3D convolutions in general.
 * **cuDNN autotuning** (``torch.backends.cudnn.benchmark = True``; process-wide, as torch has it):
   the warm-up runs pick the fastest algorithm for the one fixed patch shape.
 * **CUDA graphs**: one ``torch.cuda.CUDAGraph`` captured at the maximum batch on static buffers (after
@@ -69,7 +71,7 @@ class TorchCudaBackend(Backend):
 
     def __init__(self, program_path, fmt: str, in_channels, num_classes, roi_size, max_batch, *,
                  device: str = "cuda", fp16: bool = True, cuda_graphs: bool = True,
-                 channels_last: bool = True, cudnn_benchmark: bool = True):
+                 channels_last: bool = False, cudnn_benchmark: bool = True):
         super().__init__(in_channels, num_classes, roi_size, max_batch)
         try:
             import torch
