@@ -17,6 +17,14 @@ voxel-to-world (RAS, millimetre) affine, in nibabel's index order (no transpose,
 
 Writers (:func:`save_labels`, :func:`save_volume`) write to a temporary name in the target
 directory and ``os.replace`` it into place, so a failure never leaves a partial file.
+
+gzip: ``.nii.gz`` files are (de)compressed with ISA-L (``isal``) or zlib-ng (``zlib-ng``) when one of
+them is importable (ISA-L first), else with the standard library's ``gzip`` as nibabel does. Only the
+codec changes: a single-file NIfTI-1 is read by nibabel from the fast codec's stream (same header,
+extensions, scaling and header correction), and written by nibabel into the fast codec's stream (the
+same uncompressed bytes as ``nibabel.save``; a standard gzip file, no file name, mtime 0). Anything
+else (NIfTI-2, plain ``.nii``), and any failure while reading through the fast codec, goes through the
+standard path, so its errors are exactly those of nibabel. ``benchmarks/bench_io.py`` measures the codecs.
 """
 
 from __future__ import annotations
@@ -119,6 +127,97 @@ class Volume:
                 f"path={self.path!r})")
 
 
+# ---- gzip codec ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _GzipCodec:
+    """A gzip implementation: ``module`` has the standard ``gzip`` module's API (``GzipFile``, ``open``,
+    ``compress``, ``decompress``); ``level`` is the compression level segrt writes with."""
+
+    name: str  # "isal", "zlib-ng" or "stdlib"
+    version: str
+    module: object
+    level: int
+
+    @property
+    def fast(self) -> bool:
+        return self.name != "stdlib"
+
+
+def _load_codec(name: str) -> _GzipCodec | None:
+    """The codec ``name`` when its package is importable, else None."""
+    import importlib
+
+    try:
+        if name == "isal":
+            # python-isal (https://python-isal.readthedocs.io): ``isal.igzip`` is a drop-in ``gzip``
+            # (IGzipFile subclasses gzip.GzipFile). ISA-L has levels 0-3 only (and its level 0 still
+            # compresses, unlike zlib's; xopen's v1.9.0 notes use ISA-L at levels 1-2 only). Level 1
+            # is about the size of zlib level 1, nibabel's default: see benchmarks/bench_io.py.
+            igzip = importlib.import_module("isal.igzip")
+            return _GzipCodec("isal", importlib.import_module("isal").__version__, igzip, 1)
+        if name == "zlib-ng":
+            # python-zlib-ng (https://github.com/pycompression/python-zlib-ng): ``zlib_ng.gzip_ng`` is a
+            # drop-in ``gzip`` (GzipNGFile subclasses gzip.GzipFile) with zlib's 0-9 level scale.
+            gzip_ng = importlib.import_module("zlib_ng.gzip_ng")
+            return _GzipCodec("zlib-ng", importlib.import_module("zlib_ng").__version__, gzip_ng, 1)
+        if name == "stdlib":
+            import gzip
+            import zlib
+
+            # nibabel.save's own level (nibabel.openers.Opener.default_compresslevel)
+            return _GzipCodec("stdlib", zlib.ZLIB_RUNTIME_VERSION, gzip, 1)
+    except ImportError:
+        return None
+    raise ValueError(f"unknown gzip codec {name!r}: expected 'isal', 'zlib-ng' or 'stdlib'")
+
+
+_CODEC: list = []  # the selected codec, chosen once (tests reset it)
+
+
+def _gzip_codec() -> _GzipCodec:
+    """The fastest importable gzip codec: ISA-L, then zlib-ng, then the standard library."""
+    if not _CODEC:
+        for name in ("isal", "zlib-ng", "stdlib"):
+            codec = _load_codec(name)
+            if codec is not None:
+                _CODEC.append(codec)
+                break
+    return _CODEC[0]
+
+
+def _read_gz_fast(p: Path, codec: _GzipCodec):
+    """``(img, data)`` of a single-file NIfTI-1 ``.nii.gz`` read through ``codec``, or None.
+
+    None means "use the standard path": the file is not a NIfTI-1 ``.nii.gz`` (nibabel's own sniff
+    decides), or reading it through the fast codec failed in any way, in which case the standard path
+    reads it again and raises nibabel's own error for it (so errors never depend on the codec).
+    """
+    import nibabel as nib
+    from nibabel.fileholders import FileHolder
+
+    if not (codec.fast and p.name.lower().endswith(".nii.gz")):
+        return None
+    try:
+        f = codec.module.open(str(p), "rb")
+    except OSError:
+        return None
+    try:
+        # nib.load's choice for a '.nii.gz': Nifti1Image when its header class accepts the first bytes
+        if not nib.Nifti1Image.header_class.may_contain_header(f.read(nib.Nifti1Header.sizeof_hdr)):
+            return None
+        fh = FileHolder(fileobj=f)  # pos 0: nibabel seeks back to the start
+        img = nib.Nifti1Image.from_file_map({"image": fh}, mmap=False)  # single file: "image" only
+        if not hasattr(img, "dataobj") or not hasattr(img, "affine"):
+            return None
+        correct_nifti_header(img)
+        data = np.asanyarray(img.dataobj)
+    except Exception:  # noqa: BLE001 - corrupt/truncated/unexpected: the standard path decides
+        return None
+    finally:
+        f.close()
+    return img, data
+
+
 # ---- reading -------------------------------------------------------------------------------------
 def correct_nifti_header(img) -> None:
     """MONAI's ``correct_nifti_header_if_necessary`` applied in place to a nibabel image."""
@@ -162,17 +261,21 @@ def load_nifti(path: str | os.PathLike) -> Volume:
         raise VolumeError(f"input image not found: expected an existing NIfTI file, received {str(p)!r}")
     if p.is_dir():
         raise VolumeError(f"input image must be a file, received a directory {str(p)!r}")
-    try:
-        img = nib.load(str(p))
-    except (ImageFileError, OSError, ValueError, EOFError) as exc:
-        raise VolumeError(f"cannot read {str(p)!r} as an image (expected NIfTI .nii/.nii.gz): {exc}") from exc
-    if not hasattr(img, "dataobj") or not hasattr(img, "affine"):
-        raise VolumeError(f"{str(p)!r} is not a spatial image (received {type(img).__name__})")
-    try:
-        correct_nifti_header(img)
-        data = np.asanyarray(img.dataobj)
-    except (OSError, ValueError, EOFError, TypeError) as exc:  # truncated / corrupt payload
-        raise VolumeError(f"cannot read the voxel data of {str(p)!r}: {exc}") from exc
+    fast = _read_gz_fast(p, _gzip_codec())
+    if fast is not None:
+        img, data = fast
+    else:  # the standard path: nibabel with the standard library's gzip
+        try:
+            img = nib.load(str(p))
+        except (ImageFileError, OSError, ValueError, EOFError) as exc:
+            raise VolumeError(f"cannot read {str(p)!r} as an image (expected NIfTI .nii/.nii.gz): {exc}") from exc
+        if not hasattr(img, "dataobj") or not hasattr(img, "affine"):
+            raise VolumeError(f"{str(p)!r} is not a spatial image (received {type(img).__name__})")
+        try:
+            correct_nifti_header(img)
+            data = np.asanyarray(img.dataobj)
+        except (OSError, ValueError, EOFError, TypeError) as exc:  # truncated / corrupt payload
+            raise VolumeError(f"cannot read the voxel data of {str(p)!r}: {exc}") from exc
     if data.ndim not in (3, 4):
         raise VolumeError(
             f"expected a 3-D (X, Y, Z) or 4-D (X, Y, Z, C) image, received {data.ndim}-D data of shape "
@@ -202,9 +305,23 @@ def _nifti_ext(path: Path) -> str:
     raise VolumeError(f"output path must end with .nii or .nii.gz, received {str(path)!r}")
 
 
-def _atomic_save(img, path: str | os.PathLike) -> Path:
+def _write_image(img, filename: str) -> None:
+    """Serialise ``img`` to ``filename`` like ``nibabel.save``, gzip through the fast codec if any."""
     import nibabel as nib
+    from nibabel.fileholders import FileHolder
 
+    codec = _gzip_codec()
+    if not (codec.fast and filename.lower().endswith(".nii.gz") and type(img) is nib.Nifti1Image):
+        nib.save(img, filename)
+        return
+    with open(filename, "wb") as raw:
+        # like nibabel's DeterministicGzipFile: no file name in the gzip header, mtime 0
+        with codec.module.GzipFile(filename="", mode="wb", compresslevel=codec.level, fileobj=raw,
+                                   mtime=0) as gz:
+            img.to_file_map({"image": FileHolder(fileobj=gz)})
+
+
+def _atomic_save(img, path: str | os.PathLike) -> Path:
     out = Path(path)
     ext = _nifti_ext(out)
     folder = out.parent if str(out.parent) else Path(".")
@@ -213,7 +330,7 @@ def _atomic_save(img, path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=f".tmp{ext}", dir=str(folder))
     os.close(fd)
     try:
-        nib.save(img, tmp)
+        _write_image(img, tmp)
         os.replace(tmp, out)
     except BaseException as exc:
         try:

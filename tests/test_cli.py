@@ -130,7 +130,9 @@ def test_no_partial_output_on_failure(small_artifact, ct, tmp_path, monkeypatch)
             f.write(b"partial")
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(nib, "save", boom)
+    import segrt.volume
+
+    monkeypatch.setattr(segrt.volume, "_write_image", boom)  # nibabel.save's signature, any gzip codec
     with pytest.raises(VolumeError, match="disk full"):
         seg.save(tmp_path / "o.nii.gz")
     assert list(tmp_path.iterdir()) == []

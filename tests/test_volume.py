@@ -204,16 +204,18 @@ def test_save_labels_rejects_bad_input(tmp_path):
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    import segrt.volume as sv
+
     target = tmp_path / "lab.nii.gz"
     target.write_bytes(b"previous result")
-    real_save = nib.save
+    real_save = sv._write_image  # nibabel.save's signature; serialises through the selected gzip codec
 
     def failing_save(img, filename):
         with open(filename, "wb") as f:  # half a file, then the disk "fills up"
             f.write(gzip.compress(b"\0" * 100)[:20])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(nib, "save", failing_save)
+    monkeypatch.setattr(sv, "_write_image", failing_save)
     with pytest.raises(VolumeError, match="No space left"):
         save_labels(np.zeros((3, 3, 3), np.uint8), np.eye(4), target)
     assert sorted(os.listdir(tmp_path)) == ["lab.nii.gz"]
@@ -223,7 +225,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
         real_save(img, filename)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(nib, "save", interrupted_save)
+    monkeypatch.setattr(sv, "_write_image", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
         save_labels(np.zeros((3, 3, 3), np.uint8), np.eye(4), target)
     assert sorted(os.listdir(tmp_path)) == ["lab.nii.gz"]
