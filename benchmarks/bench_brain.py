@@ -34,7 +34,6 @@ JSON goes to ``benchmarks/results/brain_<YYYY-MM-DD>.json`` (``--smoke``: under 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import json
 import os

@@ -47,7 +47,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -59,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks import _machine  # noqa: E402
 from benchmarks.monai_pipeline import bundle_with_weights  # noqa: E402
 
 SHARED = REPO.parent / "shared"
@@ -80,55 +80,8 @@ TOOLS = ("monai", "segrt")
 # machine description
 # ---------------------------------------------------------------------------------------------
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _ram_gib() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 1024 ** 2, 2)
-    except OSError:
-        pass
-    return None
-
-
-def _version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def machine_info() -> dict:
-    from segrt import __version__ as segrt_version
-    from segrt.engine.backends.ort_cpu import physical_cores
-
-    return {
-        "cpu_model": _cpu_model(),
-        "physical_cores": physical_cores(),
-        "logical_cpus": os.cpu_count(),
-        "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "ram_gib": _ram_gib(),
-        "platform": platform.platform(),
-        "hostname_sha1": hashlib.sha1(platform.node().encode()).hexdigest()[:10],
-        "versions": {"python": platform.python_version(), "numpy": _version("numpy"), "torch": _version("torch"),
-                     "monai": _version("monai"), "onnxruntime": _version("onnxruntime"),
-                     "nibabel": _version("nibabel"), "segrt": segrt_version},
-        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-                       if k in os.environ},
-    }
+    return _machine.machine_info()
 
 
 # ---------------------------------------------------------------------------------------------

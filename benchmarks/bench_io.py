@@ -27,7 +27,6 @@ import datetime as dt
 import gzip
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -47,39 +46,15 @@ RESULTS = REPO / "benchmarks" / "results"
 LEVELS = {"stdlib": (1, 6), "isal": (0, 1, 2), "zlib-ng": (1, 2)}
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def machine_info() -> dict:
     import zlib
 
-    return {
-        "cpu_model": _cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "platform": platform.platform(),
-        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "versions": {"python": platform.python_version(), "numpy": _version("numpy"),
-                     "nibabel": _version("nibabel"), "isal": _version("isal"), "zlib-ng": _version("zlib-ng"),
-                     "zlib_runtime": zlib.ZLIB_RUNTIME_VERSION},
-    }
+    from benchmarks._machine import machine_info as base
+
+    info = base(("numpy", "nibabel", "isal", "zlib-ng", "segrt"))
+    info["versions"]["zlib_runtime"] = zlib.ZLIB_RUNTIME_VERSION
+    info["loadavg_start"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return info
 
 
 def ct_like_int16(shape, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

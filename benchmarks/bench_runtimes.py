@@ -47,21 +47,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks._machine import version  # noqa: E402
+
 WHOLEBODY = REPO.parent / "shared" / "bundles" / "wholeBody_ct_segmentation"
 SMALL = REPO / "tests" / "fixtures" / "bundles" / "wholebody_small"
 DEMO = REPO / "segrt" / "data" / "demo_bundle"
 RESULTS = REPO / "benchmarks" / "results"
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
          "avx_vnni")
-
-
-def _version(dist):
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def machine_info() -> dict:
@@ -80,8 +73,8 @@ def machine_info() -> dict:
         pass
     info = {"cpu_model": model, "physical_cores": physical_cores(), "logical_cpus": os.cpu_count(),
             "isa_flags": {f: f in flags for f in FLAGS}, "platform": platform.platform(),
-            "versions": {d: _version(d) for d in ("numpy", "onnx", "onnxruntime", "openvino", "torch", "monai",
-                                                   "segrt")},
+            "versions": {d: version(d) for d in ("numpy", "onnx", "onnxruntime", "openvino", "torch", "monai",
+                                                  "segrt")},
             "python": platform.python_version(),
             "shared_machine": True}
     try:

@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from parity_util import ct_like, lps_affine, write_volume  # noqa: E402
+from parity_util import write_volume  # noqa: E402
 
 
 @pytest.fixture(scope="module")
