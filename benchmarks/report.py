@@ -57,7 +57,7 @@ def cpu_section() -> list[str]:
                 out.append(f"| {k.replace('_', ' ')} | | {rat[k]:.2f}× |")
         for n in d.get("notes", [])[:3]:
             if "matplotlib" not in n:
-                out.append(f"\n_{n}_")
+                out.append("\n_" + n.split(": /")[0].split(" /root")[0] + "_")
         out.append("")
     return out
 
