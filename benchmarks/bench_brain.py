@@ -111,51 +111,16 @@ def make_bundle(work: Path, classes: int, roi: int, seed: int) -> Path:
 
 
 def run_monai(bundle: Path, image: Path, out_dir: Path, threads: int) -> dict:
-    """The bundle's own preprocessing → SlidingWindowInferer → postprocessing (as its evaluator runs them)."""
+    """The bundle's own preprocessing → SlidingWindowInferer → postprocessing (benchmarks.monai_pipeline)."""
+    import nibabel as nib
     import numpy as np
-    import torch
-    from monai.bundle import ConfigParser
-    from monai.data import decollate_batch, list_data_collate
 
-    from parity_util import bundle_on_path, checkpoint_path
+    from benchmarks.monai_pipeline import run_pipeline
 
-    torch.set_num_threads(threads)
-    timings = {}
-    t0 = time.perf_counter()
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser.read_meta(str(bundle / "configs" / "metadata.json"))
-    parser["bundle_root"] = str(bundle)
-    parser["output_dir"] = str(out_dir)
-    with bundle_on_path(bundle):
-        net = parser.get_parsed_content("network_def", instantiate=True)
-    net.load_state_dict(torch.load(str(checkpoint_path(parser, bundle)), map_location="cpu", weights_only=True))
-    net.eval()
-    pre = parser.get_parsed_content("preprocessing")
-    inferer = parser.get_parsed_content("inferer")
-    post = parser.get_parsed_content("postprocessing")
-    timings["setup"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    batch = list_data_collate([pre({"image": str(image)})])
-    timings["load_preprocess"] = time.perf_counter() - t0
-    windows = [0]
-
-    def network(x):
-        windows[0] += int(x.shape[0])
-        return net(x)
-
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        batch["pred"] = inferer(batch["image"], network)
-    timings["infer"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    item = decollate_batch(batch)[0]
-    del batch
-    out = post(item)
-    labels = np.asarray(out["pred"].as_tensor())[0].astype(np.uint8)
-    timings["postprocess_write"] = time.perf_counter() - t0
-    return {"timings": timings, "total_s": sum(timings.values()), "windows": windows[0],
-            "threads": torch.get_num_threads(), "labels": labels}
+    r = run_pipeline(bundle, image, out_dir, threads=threads)
+    labels = np.asarray(nib.load(r["output"]).dataobj).astype(np.uint8)
+    return {"timings": r["timings"], "total_s": sum(r["timings"].values()), "windows": r["windows"],
+            "threads": r["threads"], "labels": labels}
 
 
 def run_segrt(artifact: Path, image: Path, overlap: float | None, threads: int | None, out: Path) -> dict:

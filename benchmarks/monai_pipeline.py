@@ -46,10 +46,12 @@ def _config_parser(bundle: Path, overrides: dict | None):
     return parser
 
 
-def checkpoint_path(parser, bundle: Path) -> Path:
-    if "checkpointloader" in parser:
-        return Path(parser.get_parsed_content("checkpointloader#load_path"))
-    return bundle / "models" / "model.pt"
+# The bundle's own scripts/ importable while its network is built, and where it loads its weights (incl. a
+# CheckpointLoader handler): one implementation, shared with the parity tests.
+_TESTS = Path(__file__).resolve().parents[1] / "tests"
+if str(_TESTS) not in sys.path:
+    sys.path.insert(0, str(_TESTS))
+from parity_util import bundle_on_path, checkpoint_path  # noqa: E402
 
 
 def bundle_with_weights(src: Path, dst: Path, seed: int = 0, overrides: dict | None = None) -> Path:
@@ -97,7 +99,8 @@ def run_pipeline(bundle, image, out_dir, overrides: dict | None = None, threads:
         if key in parser:
             parser[key] = "cpu"
     torch.manual_seed(0)
-    net = parser.get_parsed_content("network_def", instantiate=True)
+    with bundle_on_path(bundle):
+        net = parser.get_parsed_content("network_def", instantiate=True)
     net.load_state_dict(torch.load(str(checkpoint_path(parser, bundle)), map_location="cpu", weights_only=True))
     net.eval()
     pre = parser.get_parsed_content("preprocessing")
@@ -126,7 +129,8 @@ def run_pipeline(bundle, image, out_dir, overrides: dict | None = None, threads:
     out = post(item)
     timings["postprocess_write"] = time.perf_counter() - t0
     del out, item, batch
-    written = sorted(out_dir.rglob("*" + str(parser["output_ext"])))
+    ext = str(parser["output_ext"]) if "output_ext" in parser else ".nii.gz"  # SaveImaged's default
+    written = sorted(out_dir.rglob("*" + ext))
     if len(written) != 1:
         raise RuntimeError(f"expected one label image under {out_dir}, found {[str(p) for p in written]}")
     return {"timings": timings, "windows": windows[0], "preprocessed_shape": shape,
