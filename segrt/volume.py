@@ -18,13 +18,20 @@ voxel-to-world (RAS, millimetre) affine, in nibabel's index order (no transpose,
 Writers (:func:`save_labels`, :func:`save_volume`) write to a temporary name in the target
 directory and ``os.replace`` it into place, so a failure never leaves a partial file.
 
-gzip: ``.nii.gz`` files are (de)compressed with ISA-L (``isal``) or zlib-ng (``zlib-ng``) when one of
-them is importable (ISA-L first), else with the standard library's ``gzip`` as nibabel does. Only the
-codec changes: a single-file NIfTI-1 is read by nibabel from the fast codec's stream (same header,
-extensions, scaling and header correction), and written by nibabel into the fast codec's stream (the
-same uncompressed bytes as ``nibabel.save``; a standard gzip file, no file name, mtime 0). Anything
-else (NIfTI-2, plain ``.nii``), and any failure while reading through the fast codec, goes through the
-standard path, so its errors are exactly those of nibabel. ``benchmarks/bench_io.py`` measures the codecs.
+Reading (:func:`read_nifti`, which :func:`load_nifti` wraps): a single-file NIfTI-1 (``.nii.gz`` or ``.nii``)
+has its header parsed by nibabel (same header, extensions, scaling and header correction) and its voxels read
+straight from the stream into one buffer, in the stored dtype and the file's (Fortran) order: no copy, no
+conversion, no transposition. :class:`RawImage` keeps them so (the GPU pipeline uploads an int16 CT as int16);
+:meth:`RawImage.to_volume` makes MONAI's float32. The gzip trailer (CRC-32, length) is always checked —
+nibabel alone stops before it and returns a corrupted file's voxels silently. Anything else (NIfTI-2, a header
+nibabel's Nifti1 sniff rejects) goes through ``nib.load``, so its errors are exactly nibabel's.
+
+gzip: large ``.nii.gz`` inputs are decoded on several cores by rapidgzip when it is installed (a core dependency
+where it has wheels); otherwise, and for writing, ISA-L (``isal``) or zlib-ng (``zlib-ng``) when one of them is
+importable (ISA-L first), else the standard library's ``gzip`` as nibabel does. Labels are written by nibabel
+into the fast codec's stream (the same uncompressed bytes as ``nibabel.save``; a standard gzip file, no file
+name, mtime 0); a Fortran-ordered label map (what the GPU pipeline returns) is written without a host
+transposition. ``benchmarks/bench_io.py`` measures the codecs and the readers.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import numpy as np
 
 from segrt.errors import VolumeError
 
-__all__ = ["Volume", "load_nifti", "save_labels", "save_volume", "correct_nifti_header"]
+__all__ = ["Volume", "RawImage", "read_nifti", "load_nifti", "save_labels", "save_volume", "correct_nifti_header"]
 
 _NIFTI_EXTS = (".nii.gz", ".nii")
 
@@ -185,34 +192,155 @@ def _gzip_codec() -> _GzipCodec:
     return _CODEC[0]
 
 
-def _read_gz_fast(p: Path, codec: _GzipCodec):
-    """``(img, data)`` of a single-file NIfTI-1 ``.nii.gz`` read through ``codec``, or None.
+# ---- parallel gzip decoding -----------------------------------------------------------------------
+# rapidgzip (https://github.com/mxmlnkn/rapidgzip, Apache-2.0/MIT) decodes any gzip file on several cores
+# (speculative block finding, as in pugz; CRC32 checked, including in parallel mode). It pays off for large
+# files only: below _PARALLEL_MIN_BYTES of compressed data the single-threaded ISA-L stream is as fast.
+_PARALLEL_MIN_BYTES = 16 << 20
+_PARALLEL_MAX_THREADS = 16
 
-    None means "use the standard path": the file is not a NIfTI-1 ``.nii.gz`` (nibabel's own sniff
-    decides), or reading it through the fast codec failed in any way, in which case the standard path
-    reads it again and raises nibabel's own error for it (so errors never depend on the codec).
+
+def _decode_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(n, _PARALLEL_MAX_THREADS))
+
+
+def _address_space_limited() -> bool:
+    """True when RLIMIT_DATA or RLIMIT_AS is set. rapidgzip reserves 1.5-2.5 GB of address space it never
+    touches (measured: VmData 2.4 GB, RSS 80 MB for a 33 MB volume) and crashes the process with SIGSEGV, not an
+    exception, when such a limit refuses the reservation (rapidgzip 0.16.2) - so it is not used then."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return False
+    for which in ("RLIMIT_DATA", "RLIMIT_AS"):
+        res = getattr(resource, which, None)
+        if res is not None and resource.getrlimit(res)[0] != resource.RLIM_INFINITY:
+            return True
+    return False
+
+
+def _open_parallel(p: Path):
+    """A rapidgzip reader for ``p`` (caller closes it: an unclosed one aborts the interpreter at exit), or None
+    when rapidgzip is not installed, switched off (``SEGRT_PARALLEL_GZIP=0``), only one CPU is usable, the
+    file is small or the address space is limited (see :func:`_address_space_limited`)."""
+    threads = _decode_threads()
+    if threads < 2 or os.environ.get("SEGRT_PARALLEL_GZIP", "1") == "0" or _address_space_limited():
+        return None
+    try:
+        if p.stat().st_size < _PARALLEL_MIN_BYTES:
+            return None
+        import rapidgzip
+    except (ImportError, OSError):
+        return None
+    try:
+        return rapidgzip.open(str(p), parallelization=threads)
+    except Exception:  # noqa: BLE001 - not a gzip file etc.: the standard path decides
+        return None
+
+
+def _gzip_isize(p: Path) -> int | None:
+    """The last member's ISIZE field (uncompressed size mod 2**32) from the file's last 4 bytes."""
+    try:
+        with open(p, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            return int.from_bytes(f.read(4), "little")
+    except OSError:
+        return None
+
+
+def _readinto_full(f, buf: memoryview) -> int:
+    got = 0
+    n = len(buf)
+    while got < n:
+        k = f.readinto(buf[got:got + (8 << 20)])
+        if not k:
+            break
+        got += k
+    return got
+
+
+def _read_direct(p: Path, allow_parallel: bool = True):
+    """``(img, data)`` of a single-file NIfTI-1 (``.nii.gz`` or ``.nii``) with the voxels read straight from the
+    stream into one buffer (no copy, no conversion: ``data`` is the stored dtype in the file's order), or None.
+
+    The stream is rapidgzip's parallel decoder for a large ``.nii.gz`` when installed, else the fast gzip codec
+    (or the standard library's), or the plain file. Scaled data (slope/intercept), byte-swapped data and
+    anything unusual is read by nibabel from the same stream (``np.asanyarray(img.dataobj)``).
+
+    None means "use the standard path": not a NIfTI-1 single file (nibabel's own sniff decides) or its header
+    cannot be parsed — nibabel then reads it again and raises its own error. Once the header is read, a short
+    or corrupt voxel stream is a :class:`VolumeError` with one message whatever the codec: the gzip trailer
+    (CRC-32 and length) is always read and checked, which nibabel's own reader skips (it stops after the
+    voxel bytes, so it returns a corrupted file's wrong voxels without a word). A parallel read that fails in
+    any way, or whose gzip ISIZE does not match the bytes decoded (rapidgzip does not notice a missing
+    trailer), is done again single-threaded, which gives the definitive answer.
     """
     import nibabel as nib
     from nibabel.fileholders import FileHolder
 
-    if not (codec.fast and p.name.lower().endswith(".nii.gz")):
-        return None
+    name = p.name.lower()
+    gz = name.endswith(".nii.gz")
+    parallel = False
     try:
-        f = codec.module.open(str(p), "rb")
+        if gz:
+            f = _open_parallel(p) if allow_parallel else None
+            parallel = f is not None
+            if f is None:
+                f = _gzip_codec().module.open(str(p), "rb")
+        elif name.endswith(".nii"):
+            f = open(p, "rb")
+        else:
+            return None
     except OSError:
         return None
     try:
-        # nib.load's choice for a '.nii.gz': Nifti1Image when its header class accepts the first bytes
-        if not nib.Nifti1Image.header_class.may_contain_header(f.read(nib.Nifti1Header.sizeof_hdr)):
+        try:  # the header: nib.load's choice for a '.nii(.gz)' is Nifti1Image when its header class accepts it
+            if not nib.Nifti1Image.header_class.may_contain_header(f.read(nib.Nifti1Header.sizeof_hdr)):
+                return None
+            f.seek(0)
+            img = nib.Nifti1Image.from_file_map({"image": FileHolder(fileobj=f)}, mmap=False)  # lazy dataobj
+            if not hasattr(img, "dataobj") or not hasattr(img, "affine"):
+                return None
+            correct_nifti_header(img)
+            proxy = img.dataobj
+            dtype = np.dtype(getattr(proxy, "dtype", np.uint8))
+            direct = (getattr(proxy, "is_proxy", False) and getattr(proxy, "slope", None) == 1.0
+                      and getattr(proxy, "inter", None) == 0.0 and dtype.kind in "iuf" and dtype.isnative
+                      and getattr(proxy, "order", "F") in ("F", "C"))
+            if direct:
+                shape = tuple(int(s) for s in proxy.shape)
+                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                f.seek(int(proxy.offset))
+        except Exception:  # noqa: BLE001 - not a NIfTI-1 we can parse: the standard path decides
+            if parallel:
+                return _read_direct(p, allow_parallel=False)
             return None
-        fh = FileHolder(fileobj=f)  # pos 0: nibabel seeks back to the start
-        img = nib.Nifti1Image.from_file_map({"image": fh}, mmap=False)  # single file: "image" only
-        if not hasattr(img, "dataobj") or not hasattr(img, "affine"):
-            return None
-        correct_nifti_header(img)
-        data = np.asanyarray(img.dataobj)
-    except Exception:  # noqa: BLE001 - corrupt/truncated/unexpected: the standard path decides
-        return None
+        try:  # the voxels, then the gzip trailer
+            if direct:
+                buf = np.empty(nbytes, dtype=np.uint8)
+                got = _readinto_full(f, memoryview(buf))
+                if got != nbytes:
+                    raise EOFError(f"{got} of {nbytes} voxel bytes")
+                data = np.ndarray(shape, dtype=dtype, buffer=buf, order=proxy.order)
+            else:
+                data = np.asanyarray(proxy)
+            if gz:
+                while f.read(1 << 20):  # to the end of the stream: the codec checks CRC-32 and ISIZE there
+                    pass
+                if parallel and _gzip_isize(p) != f.tell() % (1 << 32):
+                    raise EOFError("gzip length field does not match the data")
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the codec's own wording must not leak into the message
+            if parallel:
+                return _read_direct(p, allow_parallel=False)
+            raise VolumeError(f"cannot read the voxel data of {str(p)!r}: the file is truncated or corrupt "
+                              f"({'gzip data or checksum' if gz else 'fewer bytes than the header declares'})"
+                              ) from exc
     finally:
         f.close()
     return img, data
@@ -251,17 +379,63 @@ def correct_nifti_header(img) -> None:
     hdr.set_zooms(_column_norms(img.affine, d))
 
 
-def load_nifti(path: str | os.PathLike) -> Volume:
-    """Read a NIfTI file exactly as MONAI's LoadImaged + EnsureChannelFirstd would (MONAI_NOTES §1)."""
-    import nibabel as nib
-    from nibabel.filebasedimages import ImageFileError
-
+def _input_path(path) -> Path:
     p = Path(path)
     if not p.exists():
         raise VolumeError(f"input image not found: expected an existing NIfTI file, received {str(p)!r}")
     if p.is_dir():
         raise VolumeError(f"input image must be a file, received a directory {str(p)!r}")
-    fast = _read_gz_fast(p, _gzip_codec())
+    return p
+
+
+@dataclass
+class RawImage:
+    """A NIfTI image's voxels as stored: ``(C, X, Y, Z)`` in the file's dtype and memory order (a 3-D file's
+    array is a Fortran-ordered view, like nibabel's), with its (header-corrected) affine and header.
+
+    What :func:`read_nifti` returns: the GPU pipeline uploads it as it is (an int16 CT is half the bytes of its
+    float32 form, and no host-side transposition or conversion is made); :meth:`to_volume` gives exactly
+    :func:`load_nifti`'s :class:`Volume`. Non-finite values are *not* checked here (:meth:`to_volume` and the
+    GPU pipeline check them).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    header: object | None = None
+    path: str | None = None
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape[1:])
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.array.shape[0])
+
+    def to_volume(self) -> Volume:
+        """The float32 :class:`Volume` MONAI's ``LoadImaged`` + ``EnsureChannelFirstd`` would give."""
+        arr = self.array.astype(np.float32)  # keeps the memory order
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise VolumeError(f"{str(self.path)!r} holds {bad} non-finite (NaN/Inf) voxel(s) of {arr.size}; "
+                              "expected finite intensities")
+        if arr.shape[0] > 1:
+            arr = np.ascontiguousarray(arr)
+        return Volume(arr, self.affine.copy(), header=self.header, path=self.path)
+
+
+def read_nifti(path: str | os.PathLike) -> RawImage:
+    """Read a NIfTI file's voxels as stored (see :class:`RawImage`), with MONAI's header correction.
+
+    Large ``.nii.gz`` files are decoded on several cores (rapidgzip) when it is installed, else through
+    ISA-L / zlib-ng; the voxels are read straight into one buffer. Scaled data comes back scaled (nibabel's
+    dtype). Errors are :class:`VolumeError` naming the file and what was expected.
+    """
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    p = _input_path(path)
+    fast = _read_direct(p)
     if fast is not None:
         img, data = fast
     else:  # the standard path: nibabel with the standard library's gzip
@@ -282,18 +456,14 @@ def load_nifti(path: str | os.PathLike) -> Volume:
             f"{tuple(data.shape)} in {str(p)!r}")
     if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
         raise VolumeError(f"expected numeric voxels, received dtype {data.dtype} in {str(p)!r}")
-    arr = data.astype(np.float32)
-    del data
-    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-    if bad:
-        raise VolumeError(f"{str(p)!r} holds {bad} non-finite (NaN/Inf) voxel(s) of {arr.size}; "
-                          "expected finite intensities")
-    if arr.ndim == 3:
-        arr = arr[None]
-    else:  # MONAI EnsureChannelFirst: original_channel_dim = -1 → move last axis first
-        arr = np.ascontiguousarray(np.moveaxis(arr, -1, 0))
-    affine = np.array(img.affine, dtype=np.float64)
-    return Volume(arr, affine, header=img.header, path=str(p))
+    # MONAI EnsureChannelFirst: a 3-D image gains a channel axis; original_channel_dim = -1 moves last → first
+    arr = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
+    return RawImage(arr, np.array(img.affine, dtype=np.float64), header=img.header, path=str(p))
+
+
+def load_nifti(path: str | os.PathLike) -> Volume:
+    """Read a NIfTI file exactly as MONAI's LoadImaged + EnsureChannelFirstd would (MONAI_NOTES §1)."""
+    return read_nifti(path).to_volume()
 
 
 # ---- writing -------------------------------------------------------------------------------------
@@ -412,7 +582,9 @@ def save_labels(labels: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
     hdr = _make_header(None if like is None else like.header, labels.dtype, aff, labels.shape)
     if descrip is not None:
         hdr["descrip"] = descrip.encode("ascii", "replace")
-    return _atomic_save(_nifti_image(np.ascontiguousarray(labels), aff, hdr), path)
+    if not labels.flags.f_contiguous:  # NIfTI stores Fortran order: such an array is written as it lies
+        labels = np.ascontiguousarray(labels)
+    return _atomic_save(_nifti_image(labels, aff, hdr), path)
 
 
 def save_volume(volume: Volume, path: str | os.PathLike) -> Path:

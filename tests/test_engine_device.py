@@ -62,6 +62,41 @@ def test_engine_runs_torch_pipeline_glue_on_cpu(demo_artifact, phantom):
     assert seg.metadata["windows"] == ref.metadata["windows"]
 
 
+def test_device_branch_file_to_file_int16(demo_artifact, phantom, tmp_path):
+    """An int16 CT file on the device branch: read as stored (int16, Fortran order, no host conversion), labels
+    come back Fortran-ordered and the written file holds the CPU engine's labels with the input's header."""
+    import nibabel as nib
+
+    from segrt.artifact import Artifact
+    from segrt.engine.backends.torch_cuda import TorchCudaBackend
+    from segrt.engine.engine import Engine
+    from segrt.volume import RawImage
+
+    path, _ = phantom
+    img = nib.load(str(path))
+    ct = np.round(np.asanyarray(img.dataobj)).astype(np.int16)
+    hdr = img.header.copy()
+    hdr.set_data_dtype(np.int16)
+    src = tmp_path / "ct_int16.nii.gz"
+    nib.save(nib.Nifti1Image(ct, img.affine, header=hdr), str(src))
+
+    ref = Engine.load(demo_artifact, device="cpu").segment(src, output=tmp_path / "cpu.nii.gz", progress=False)
+    art = Artifact.load(demo_artifact)
+    eng = Engine(art, TorchCudaBackend.from_artifact(art, device="cpu"), "test: torch program on the CPU",
+                 accum_dtype="float32")
+    eng.device = "cuda"
+    seg = eng.segment(src, output=tmp_path / "dev.nii.gz", progress=False)
+    assert isinstance(seg.source, RawImage) and seg.source.array.dtype == np.int16
+    assert seg.labels.flags.f_contiguous
+    assert seg.timings["write"] > 0
+    a = nib.load(str(tmp_path / "cpu.nii.gz"))
+    b = nib.load(str(tmp_path / "dev.nii.gz"))
+    assert a.header.binaryblock == b.header.binaryblock
+    agreement = float((np.asanyarray(a.dataobj) == np.asanyarray(b.dataobj)).mean())
+    assert agreement >= 0.9999, agreement
+    np.testing.assert_array_equal(np.asanyarray(b.dataobj), seg.labels)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("accum", ["float16", "float32"])
 def test_gpu_engine_fp16_matches_cpu_fp32(demo_artifact, phantom, accum):

@@ -33,7 +33,7 @@ from segrt.engine.budget import measure_workspace, plan_memory, parse_size
 from segrt.engine.stitch import sliding_window_blocks, sliding_window_stream, window_maxima
 from segrt.engine.tiling import plan_windows
 from segrt.errors import VolumeError
-from segrt.volume import Volume, load_nifti, save_labels
+from segrt.volume import RawImage, Volume, load_nifti, read_nifti, save_labels
 
 __all__ = ["Engine", "Segmentation", "STAGES"]
 
@@ -51,7 +51,7 @@ class Segmentation:
     class_names: dict[int, str]
     timings: dict[str, float] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
-    source: Volume | None = None
+    source: Volume | RawImage | None = None  # the input (its header is copied into the written labels)
     probabilities: np.ndarray | None = None  # only with segment(..., return_probabilities=True)
 
     @property
@@ -60,7 +60,7 @@ class Segmentation:
 
     def volumes_ml(self, include_background: bool = False) -> dict[str, float]:
         """Volume of each label present (and each named class), in millilitres."""
-        counts = np.bincount(self.labels.ravel(), minlength=len(self.class_names) or 1)
+        counts = np.bincount(self.labels.ravel(order="K"), minlength=len(self.class_names) or 1)
         vv = self.voxel_volume_ml
         out = {}
         for label, n in enumerate(counts):
@@ -206,11 +206,13 @@ class Engine:
         return False
 
     # ------------------------------------------------------------------------------------------
-    def _as_volume(self, source, affine) -> Volume:
+    def _as_volume(self, source, affine, on_device: bool = False) -> Volume | RawImage:
+        """The input as a :class:`Volume`; ``on_device``: a file stays a :class:`RawImage` (stored dtype and order,
+        uploaded as it is) and non-finite values are left to the device pipeline's own check."""
         if isinstance(source, Volume):
             vol = source
         elif isinstance(source, (str, os.PathLike)):
-            vol = load_nifti(source)
+            vol = read_nifti(source) if on_device else load_nifti(source)
         elif isinstance(source, np.ndarray):
             vol = Volume.from_array(source, affine=affine)
         else:
@@ -219,8 +221,8 @@ class Engine:
         if vol.num_channels != self.spec.in_channels:
             raise VolumeError(f"the model takes {self.spec.in_channels} channel(s), the input has "
                               f"{vol.num_channels} (array shape {vol.array.shape})")
-        if not np.isfinite(vol.array).all():
-            bad = int(np.size(vol.array) - np.isfinite(vol.array).sum())
+        if not on_device and not np.isfinite(vol.array).all():
+            bad = int(np.size(vol.array) - np.count_nonzero(np.isfinite(vol.array)))
             raise VolumeError(f"input holds {bad} NaN/Inf voxel(s); expected finite intensities")
         return vol
 
@@ -233,11 +235,12 @@ class Engine:
         """
         spec = self.spec
         timings = {k: 0.0 for k in STAGES}
+        on_device = self.device == "cuda" and hasattr(self.backend, "infer_torch")
         t0 = time.perf_counter()
-        vol = self._as_volume(source, affine)
+        vol = self._as_volume(source, affine, on_device=on_device)
         timings["load"] = time.perf_counter() - t0
 
-        if self.device == "cuda" and hasattr(self.backend, "infer_torch"):
+        if on_device:
             return self._segment_on_device(vol, timings, output, return_probabilities)
 
         t0 = time.perf_counter()
@@ -367,7 +370,7 @@ class Engine:
                            slabs=slabs, inplace_weighting=fresh, threads=self.stitch_threads, accum_dtype=acc,
                            **({} if base is None else {"base": base}))
 
-    def _segment_on_device(self, vol: Volume, timings: dict, output, return_probabilities: bool) -> Segmentation:
+    def _segment_on_device(self, vol: Volume | RawImage, timings: dict, output, return_probabilities: bool) -> Segmentation:
         """The whole pipeline on the GPU (segrt.engine.gpu.TorchPipeline); only labels come back to the host."""
         import torch
 

@@ -35,7 +35,7 @@ from segrt.engine.gpu.timing import StageTimer
 from segrt.engine.tiling import plan_windows
 from segrt.errors import SpecError, VolumeError
 from segrt.spec import Spec
-from segrt.volume import Volume
+from segrt.volume import RawImage, Volume
 
 __all__ = ["TorchPipeline", "PipelineResult", "STAGES"]
 
@@ -81,9 +81,10 @@ class TorchPipeline:
         self._dev_label_dtype = torch.uint8 if self.label_dtype == np.uint8 else torch.int16
 
     # ------------------------------------------------------------------------------------------
-    def _check(self, volume) -> Volume:
-        if not isinstance(volume, Volume):
-            raise VolumeError(f"segment() expects a segrt.Volume, got {type(volume).__name__}")
+    def _check(self, volume) -> Volume | RawImage:
+        if not isinstance(volume, (Volume, RawImage)):
+            raise VolumeError(f"segment() expects a segrt.Volume or segrt.volume.RawImage, got "
+                              f"{type(volume).__name__}")
         if volume.num_channels != self.spec.in_channels:
             raise VolumeError(f"the model takes {self.spec.in_channels} channel(s), the input has "
                               f"{volume.num_channels} (array shape {volume.array.shape})")
@@ -117,8 +118,9 @@ class TorchPipeline:
             output_shape=tuple(int(s) for s in x.shape[1:]), output_affine=affine)
         return x, record
 
-    def segment(self, volume: Volume, return_probabilities: bool = False) -> PipelineResult:
-        """Segment ``volume``; labels on its own grid. ``return_probabilities`` also returns the stitched (softmax)
+    def segment(self, volume: Volume | RawImage, return_probabilities: bool = False) -> PipelineResult:
+        """Segment ``volume`` (a :class:`Volume`, or a :class:`RawImage` as stored in its file: uploaded in its own
+        dtype and memory order); labels on its own grid, Fortran-ordered. ``return_probabilities`` also returns the stitched (softmax)
         probabilities on the preprocessed grid in ``metadata["probabilities"]`` (K × volume: tests only)."""
         vol = self._check(volume)
         spec, dev = self.spec, self.device
@@ -133,7 +135,7 @@ class TorchPipeline:
                 self._raw = self.uploader.upload(vol.array)
             try:
                 with timer("preprocess"):
-                    if not bool(torch.isfinite(self._raw).all()):
+                    if vol.array.dtype.kind == "f" and not bool(torch.isfinite(self._raw).all()):
                         raise VolumeError("input holds NaN/Inf voxel(s); expected finite intensities")
                     image, record = self._preprocess(vol)
             finally:
@@ -189,9 +191,11 @@ class TorchPipeline:
                     labels_dev = invert_labels(labels_res, record)
                     del labels_res
             with timer("download"):
-                labels = np.empty(record.input_shape, dtype=self.label_dtype)
-                host = torch.from_numpy(labels.view(np.int16) if self.label_dtype == np.uint16 else labels)
-                host.copy_(labels_dev)
+                # Fortran order, the order NIfTI stores: writing the file is then a plain copy of the bytes
+                # (a C-ordered label map costs the writer a full transposition on the host)
+                labels = np.empty(record.input_shape[::-1], dtype=self.label_dtype).T
+                host = torch.from_numpy(labels.T.view(np.int16) if self.label_dtype == np.uint16 else labels.T)
+                host.copy_(labels_dev.permute(2, 1, 0).contiguous())
             timer.stop(total)
         timings = timer.results(STAGES + ("total",))
         meta = {

@@ -28,6 +28,7 @@ from segrt.spec import INTENSITY_OPS, IntensityOp
 
 __all__ = [
     "Uploader",
+    "c_order_perm",
     "OrientedImage",
     "orient",
     "DeviceGrid",
@@ -45,10 +46,28 @@ _CHUNK_BYTES = 256 << 20  # working-set budget of one resampling chunk
 
 
 # ---- upload ----------------------------------------------------------------------------------
+# Stored dtypes converted to float32 on the device (exactly as NumPy's astype(float32) would: every integer of
+# these types is a float32, and float64 → float32 rounds to nearest-even on both). uint16 travels as its int16
+# bit pattern (torch's uint16 support is partial on CUDA) and is corrected on the device; other dtypes (uint32,
+# int64, float16, ...) are converted on the host.
+_DEVICE_CAST = {np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.float32, np.float64)}
+
+
+def c_order_perm(array: np.ndarray) -> tuple[int, ...] | None:
+    """Axes ``p`` such that ``array.transpose(p)`` is C-contiguous (a Fortran-ordered NIfTI volume: reversed
+    axes), or None when no axis order makes it contiguous."""
+    order = tuple(sorted(range(array.ndim), key=lambda a: (-abs(array.strides[a]), a)))
+    return order if array.transpose(order).flags.c_contiguous else None
+
+
 class Uploader:
     """Copies host arrays to ``device`` through two reused pinned staging buffers of ``chunk_bytes`` each.
 
-    On a CPU device :meth:`upload` returns a tensor sharing the array's memory (callers must not write into it).
+    :meth:`upload` takes an array in any memory order (a NIfTI file's Fortran order included: its bytes are sent
+    as they lie and the axes permuted on the device, never transposed on the host) and any of the stored dtypes
+    in ``_DEVICE_CAST`` (sent as stored, half the bytes of float32 for an int16 CT, converted on the device), and
+    returns a C-contiguous float32 tensor. On a CPU device the result may share the array's memory (callers must
+    not write into it).
     """
 
     def __init__(self, device, chunk_bytes: int = 64 << 20):
@@ -64,11 +83,11 @@ class Uploader:
             self._events = [torch.cuda.Event() for _ in range(2)]
         return self._bufs, self._events
 
-    def upload(self, array: np.ndarray) -> torch.Tensor:
-        array = np.ascontiguousarray(array)
+    def _copy(self, array: np.ndarray) -> torch.Tensor:
+        """C-contiguous ``array`` → a tensor of the same dtype and shape on the device."""
         if self.device.type != "cuda":
             return torch.from_numpy(array).to(self.device)
-        out = torch.empty(array.shape, dtype=torch.from_numpy(array).dtype, device=self.device)
+        out = torch.empty(array.shape, dtype=torch.from_numpy(array[:0]).dtype, device=self.device)
         src = torch.from_numpy(array.reshape(-1).view(np.uint8))
         dst = out.view(-1).view(torch.uint8)
         bufs, events = self._staging()
@@ -79,6 +98,27 @@ class Uploader:
             bufs[k % 2][:m].copy_(src[s:s + m])  # multi-threaded host copy into pinned memory
             dst[s:s + m].copy_(bufs[k % 2][:m], non_blocking=True)
             events[k % 2].record()
+        return out
+
+    def upload(self, array: np.ndarray) -> torch.Tensor:
+        array = np.asarray(array)
+        if array.dtype not in _DEVICE_CAST:
+            array = array.astype(np.float32)
+        perm = c_order_perm(array)
+        if perm is None:
+            array = np.ascontiguousarray(array)
+            perm = tuple(range(array.ndim))
+        unsigned16 = array.dtype == np.uint16
+        src = array.transpose(perm)
+        if unsigned16:
+            src = src.view(np.int16)
+        t = self._copy(src).permute(tuple(np.argsort(perm)))
+        # one device kernel: cast + permute into a contiguous float32 tensor (.to() alone returns a float32
+        # view unchanged, whatever its strides)
+        out = t.contiguous() if t.dtype == torch.float32 else t.to(torch.float32,
+                                                                     memory_format=torch.contiguous_format)
+        if unsigned16:  # int16 bit pattern s of v: v = s + 65536 when s < 0 (exact in float32)
+            out += (t < 0).to(torch.float32) * 65536.0
         return out
 
 
