@@ -51,6 +51,16 @@ def _overlap(text: str):
     return vals
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segrt", description="Lean inference engine for MONAI 3D segmentation bundles.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -98,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fails before running when it cannot be met")
     r.add_argument("--accum-dtype", default=None, choices=["float32", "float16"],
                    help="stitching accumulator (CPU default float32: exact; float16 halves the stitcher's memory)")
+    r.add_argument("--gpu-batch", type=_positive_int, default=None, metavar="N",
+                   help="windows per network call on a GPU (default: torch-CUDA max(sw_batch_size, 4)); "
+                        "does not change the result")
     r.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -158,7 +171,7 @@ def cmd_run(a) -> int:
 
     with Engine.load(a.artifact, device=a.device, variant=a.variant, threads=a.threads,
                      overlap=a.overlap, skip_empty=not a.no_skip, max_memory=a.max_memory,
-                     accum_dtype=a.accum_dtype) as eng:
+                     accum_dtype=a.accum_dtype, gpu_batch=a.gpu_batch) as eng:
         seg = eng.segment(a.input, output=a.output, progress=None if not a.quiet else False)
         seg.timings["load"] += getattr(eng, "load_seconds", 0.0)
     if a.json:

@@ -205,6 +205,18 @@ def test_plan_for_another_gpu_or_version_is_refused(art, monkeypatch, gpu, versi
         tensorrt_double.uninstall()
 
 
+def test_gpu_batch_reaches_the_backend_or_is_refused_with_the_reason(art, double):
+    a, _, _ = art
+    with select_backend(a, "tensorrt", gpu_batch=1)[0] as b:  # within the plan's profile 1..2
+        assert b.max_batch == 1
+        assert b.infer(_batch(3)).shape == (3, 6, *ROI)
+    with pytest.raises(BackendUnavailable, match=r"profile stops at batch 2 .* gpu_batch=4"):
+        select_backend(a, "tensorrt", gpu_batch=4)
+    for bad in (0, -1, 2.5, True, "4"):
+        with pytest.raises(BackendUnavailable, match="gpu_batch must be a positive integer"):
+            select_backend(a, "auto", gpu_batch=bad)
+
+
 def test_fp32_variant_refuses_the_fp16_plan(art, double):
     a, _, _ = art
     with pytest.raises(BackendUnavailable, match="fp16"):
@@ -289,6 +301,18 @@ def test_torch_program_on_cpu_equals_ort(art):
         assert isinstance(t, torch.Tensor) and tuple(t.shape) == (1, 6, *ROI)
         with pytest.raises(InferenceError, match=r"shape \(B, 1, 32, 32, 32\)"):
             tb.infer_torch(torch.zeros(1, 1, 8, 8, 8))
+
+
+def test_torch_program_batch_size_does_not_change_outputs(art):
+    a, _, _ = art
+    x = _batch(5, 2)
+    outs = []
+    for mb in (1, 2, 4):
+        with TorchCudaBackend.from_artifact(a, device="cpu", max_batch=mb) as tb:
+            assert tb.max_batch == mb
+            outs.append(tb.infer(x))
+    for o in outs[1:]:
+        np.testing.assert_allclose(o, outs[0], rtol=0, atol=1e-5)
 
 
 def test_torchscript_fallback_is_recorded(tmp_path):

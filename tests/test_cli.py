@@ -136,3 +136,16 @@ def test_no_partial_output_on_failure(small_artifact, ct, tmp_path, monkeypatch)
     with pytest.raises(VolumeError, match="disk full"):
         seg.save(tmp_path / "o.nii.gz")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "four"])
+def test_gpu_batch_must_be_positive(small_artifact, ct, tmp_path, value):
+    out = tmp_path / "x.nii.gz"
+    r = segrt("run", small_artifact, ct, "-o", out, "--gpu-batch", value)
+    assert r.returncode == 2 and "expected a positive integer" in r.stderr and not out.exists()
+
+
+def test_gpu_batch_torch_cuda_without_gpu_is_refused(small_artifact, ct, tmp_path):
+    out = tmp_path / "x.nii.gz"
+    r = segrt("run", small_artifact, ct, "-o", out, "--device", "torch-cuda", "--gpu-batch", "8")
+    assert r.returncode == 2 and "torch" in r.stderr and "Traceback" not in r.stderr and not out.exists()

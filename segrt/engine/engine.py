@@ -135,7 +135,8 @@ class Engine:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", variant: str | None = None,
              threads: int | None = None, accum_dtype: str | None = None,
-             overlap=None, skip_empty: bool = True, max_memory=None, stitch_threads: bool = True) -> "Engine":
+             overlap=None, skip_empty: bool = True, max_memory=None, stitch_threads: bool = True,
+             gpu_batch: int | None = None) -> "Engine":
         """Load an artifact and pick a backend (``device``: auto, cpu, cuda, tensorrt, ort-cuda, torch-cuda).
 
         ``variant``: None lets the backend choose (fp16 on a GPU when the artifact has it, fp32 on the CPU).
@@ -152,14 +153,17 @@ class Engine:
         ``metadata["skipped_fraction"]``. ``max_memory`` (bytes or "1.5G"): plan batch size, threads and the
         accumulator for that RAM budget (``segrt.engine.budget``), raising ``BudgetError`` before anything runs
         when it cannot be met. ``stitch_threads``: gather and infer in background threads, overlapped with
-        stitching (bit-identical results).
+        stitching (bit-identical results). ``gpu_batch``: windows per network call on a GPU backend (default:
+        torch-CUDA max(sw_batch_size, 4) - one window per call leaves a large GPU latency-bound; the stitched
+        result does not depend on it).
         """
         t0 = time.perf_counter()
         artifact = Artifact.load(path)
         if artifact.random_weights:
             log.warning("segrt: warning: artifact %s holds RANDOM weights (exported with --random-init): "
                         "its labels are meaningless", path)
-        backend, reason = select_backend(artifact, device=device, variant=variant, threads=threads)
+        backend, reason = select_backend(artifact, device=device, variant=variant, threads=threads,
+                                         gpu_batch=gpu_batch)
         eng = cls(artifact, backend, reason, accum_dtype=accum_dtype)
         eng.skip_empty = bool(skip_empty)
         eng.max_memory = None if max_memory is None else parse_size(max_memory)

@@ -37,7 +37,7 @@ def _onnx_variant(artifact, variant):
     return "fp16" if "fp16" in artifact.variants else "fp32"
 
 
-def _make(kind: str, artifact, variant, threads):
+def _make(kind: str, artifact, variant, threads, gpu_batch: int | None = None):
     """Construct one backend or raise BackendUnavailable with the reason."""
     if kind == "tensorrt":
         if "tensorrt" not in artifact.variants:
@@ -45,17 +45,21 @@ def _make(kind: str, artifact, variant, threads):
         entry = artifact.model_entry("tensorrt")
         if variant == "fp32" and str(entry.get("precision", "")).startswith("fp16"):
             raise BackendUnavailable("the TensorRT plan is fp16 and variant='fp32' was asked for")
+        sw = artifact.spec.inference.sw_batch_size
+        if gpu_batch is not None and gpu_batch > sw:
+            raise BackendUnavailable(f"the TensorRT plan's optimisation profile stops at batch {sw} (fixed at "
+                                     f"export); gpu_batch={gpu_batch} needs a plan built for it")
         from segrt.engine.backends.tensorrt import TensorRTBackend
 
-        return TensorRTBackend.from_artifact(artifact)
+        return TensorRTBackend.from_artifact(artifact, **({} if gpu_batch is None else {"max_batch": gpu_batch}))
     if kind == "ort-cuda":
         from segrt.engine.backends.ort_cuda import OrtCudaBackend
 
-        return OrtCudaBackend.from_artifact(artifact, variant=_onnx_variant(artifact, variant))
+        return OrtCudaBackend.from_artifact(artifact, variant=_onnx_variant(artifact, variant), max_batch=gpu_batch)
     if kind == "torch-cuda":
         from segrt.engine.backends.torch_cuda import TorchCudaBackend
 
-        return TorchCudaBackend.from_artifact(artifact, device="cuda", fp16=variant != "fp32")
+        return TorchCudaBackend.from_artifact(artifact, device="cuda", fp16=variant != "fp32", max_batch=gpu_batch)
     if kind in ("cpu", "ort-cpu"):
         if variant in CPU_ORDER:
             raise BackendUnavailable(f"{variant} is an OpenVINO variant; ONNX Runtime runs fp32 or fp16")
@@ -98,7 +102,8 @@ def _describe(backend) -> str:
     return f"{backend.name} on {getattr(backend, 'device', 'cpu')}{extra}"
 
 
-def select_backend(artifact, device: str = "auto", variant: str | None = None, threads: int | None = None):
+def select_backend(artifact, device: str = "auto", variant: str | None = None, threads: int | None = None,
+                   gpu_batch: int | None = None):
     """Pick and construct a backend for ``artifact``; return ``(backend, reason)``.
 
     ``device``: ``"cpu"`` (the artifact's best CPU variant whose gate passed - OpenVINO bf16 - else ONNX
@@ -112,7 +117,11 @@ def select_backend(artifact, device: str = "auto", variant: str | None = None, t
     (ONNX variant on ORT, autocast on or off for torch-CUDA; an fp16 TensorRT plan is refused for ``"fp32"``;
     ``"fp32"`` on the CPU is always ONNX Runtime fp32 - exact parity); ``"openvino-bf16"`` asks for that CPU
     variant (refused, with the reason, if its gate did not pass).
+    ``gpu_batch``: windows per network call on a GPU backend (default: torch-CUDA max(sw_batch_size, 4), the
+    others sw_batch_size); a TensorRT plan takes at most the batch its profile was built for.
     """
+    if gpu_batch is not None and (isinstance(gpu_batch, bool) or not isinstance(gpu_batch, int) or gpu_batch < 1):
+        raise BackendUnavailable(f"gpu_batch must be a positive integer, got {gpu_batch!r}")
     if device not in DEVICES:
         raise BackendUnavailable(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
     if variant not in VARIANTS and variant not in artifact.variants:
@@ -134,7 +143,7 @@ def select_backend(artifact, device: str = "auto", variant: str | None = None, t
         return backend, reason
     if device in ("ort-cpu", "openvino") + GPU_ORDER:
         try:
-            backend = _make(device, artifact, variant, threads)
+            backend = _make(device, artifact, variant, threads, gpu_batch)
         except ArtifactError as exc:
             raise BackendUnavailable(f"device={device}: {exc}") from None
         reason = f"device={device}: {_describe(backend)}"
@@ -144,7 +153,7 @@ def select_backend(artifact, device: str = "auto", variant: str | None = None, t
     rejected: list[str] = []
     for kind in GPU_ORDER:
         try:
-            backend = _make(kind, artifact, variant, threads)
+            backend = _make(kind, artifact, variant, threads, gpu_batch)
         except (BackendUnavailable, ArtifactError) as exc:
             msg = str(exc)
             rejected.append(msg if msg.startswith(f"{kind}:") else f"{kind}: {msg}")

@@ -64,14 +64,15 @@ class OrtCudaBackend(Backend):
         self.model_path = str(model_path)
 
     @classmethod
-    def from_artifact(cls, artifact, variant: str = "fp16", device_id: int = 0) -> "OrtCudaBackend":
+    def from_artifact(cls, artifact, variant: str = "fp16", device_id: int = 0,
+                      max_batch: int | None = None) -> "OrtCudaBackend":
         entry = artifact.model_entry(variant)
         if entry.get("format", "onnx") != "onnx":
             raise BackendUnavailable(f"ort-cuda runs ONNX models; the artifact's {variant!r} model is "
                                      f"{entry.get('format')!r}")
         spec = artifact.spec
         return cls(artifact.model_path(variant, verify=False), spec.in_channels, spec.num_classes,
-                   spec.inference.roi_size, spec.inference.sw_batch_size,
+                   spec.inference.roi_size, max_batch or spec.inference.sw_batch_size,
                    input_name=entry.get("input_name", "input"), output_name=entry.get("output_name", "output"),
                    device_id=device_id)
 

@@ -126,8 +126,9 @@ class TensorRTBackend(Backend):
                                      f"the target GPU with tensorrt=True / --tensorrt)")
         entry = artifact.model_entry("tensorrt")
         spec = artifact.spec
+        max_batch = kw.pop("max_batch", None) or spec.inference.sw_batch_size
         return cls(artifact.model_path("tensorrt", verify=False), entry, spec.in_channels, spec.num_classes,
-                   spec.inference.roi_size, spec.inference.sw_batch_size, **kw)
+                   spec.inference.roi_size, max_batch, **kw)
 
     def _stream_handle(self) -> int:
         if self._dev.type == "cuda":
