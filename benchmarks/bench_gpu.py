@@ -1,31 +1,33 @@
-"""GPU benchmark: MONAI's bundle pipeline (fp32 and AMP) vs segrt's device pipeline, same card, same run.
+"""GPU benchmark: MONAI's bundle pipeline (fp32 and AMP) vs segrt, same card, same run, same weights.
 
-    python benchmarks/bench_gpu.py                 # wholeBody 1.5 mm, 512x512x397 phantom, on cuda
-    python benchmarks/bench_gpu.py --runs 3        # 3 timed runs of each side (after one warm-up)
-    python benchmarks/bench_gpu.py --smoke         # tiny fixture bundle + tiny volume, device cpu: checks the script
+    python benchmarks/bench_gpu.py                       # wholeBody 1.5 mm, 512x512x397 phantom, on cuda
+    python benchmarks/bench_gpu.py --runs 3 --gpu-batch 4 8 16
+    python benchmarks/bench_gpu.py --smoke               # tiny fixture bundle + tiny volume on the CPU: checks the script
 
-Both sides start from the same volume in memory (a CT-like phantom, float32 HU with its affine) and end with labels
-in memory; nothing is read from or written to disk.
+Set-up (not timed): the bundle's configs are copied with seeded random weights saved where the bundle loads them
+(``benchmarks.monai_pipeline.bundle_with_weights``), and ``segrt.export`` makes an artifact from that copy (fp32
+ONNX + the torch program), so both sides run the same weights. The phantom (CT-like, int16 HU, LPS) is written
+once as ``.nii.gz``.
 
-* **MONAI** (the reference): the bundle's own objects from ``configs/inference.json`` through ``ConfigParser``:
-  its ``preprocessing`` without ``LoadImaged``/``EnsureChannelFirstd`` (the input is a channel-first MetaTensor on the
-  CPU, where the bundle's DataLoader runs it), collation, ``inferer`` (SlidingWindowInferer, output on the GPU) on
-  ``network_def`` (seeded random weights, exactly the bundle's architecture), then decollation and ``postprocessing``
-  without ``SaveImaged`` (Activationsd, AsDiscreted, Invertd). ``fp32``: plain; ``amp``: the forward under
-  ``torch.autocast("cuda", float16)`` as the bundle's evaluator does with ``amp=True``. Stages: ``preprocess``
-  (CPU, once, shared by both modes), ``infer`` (sliding window), ``postprocess``; labels are copied to the host.
-* **segrt**: :class:`segrt.engine.gpu.TorchPipeline` with the spec segrt's exporter derives from the same bundle
-  (:func:`segrt.export.bundle.spec_from_parser`) and the same module under CUDA autocast (float16 output, channels-last,
-  cuDNN autotuning) as ``infer_torch``. Stages come from the pipeline's CUDA events. ``--accum`` picks the stitching
-  accumulator dtype(s).
+Two comparisons, each side timed after one warm-up run:
 
-Per run: stage times (s), ``torch.cuda.max_memory_allocated`` during the run (bytes, the network's weights included),
-label agreement with MONAI fp32 and MONAI amp (fraction of voxels). JSON goes to
-``benchmarks/results/gpu_<gpu-name>_<date>.json`` (``--smoke``: ``--out`` or a temporary directory) with the card's
-name, torch/MONAI versions and the configuration.
+* **volume in memory → labels in memory.** MONAI: the bundle's own objects through ``ConfigParser`` - its
+  ``preprocessing`` without ``LoadImaged``/``EnsureChannelFirstd`` on a channel-first MetaTensor (on the CPU,
+  where the bundle's DataLoader runs it; reported separately), then ``inferer`` on the GPU and
+  ``postprocessing`` without ``SaveImaged``; ``fp32`` plain, ``amp`` under ``torch.autocast`` as the bundle's
+  evaluator (``amp: true``). segrt: ``Engine.load(artifact, device="torch-cuda", gpu_batch=B)`` then
+  ``engine.segment(volume)`` - the product path (torch program, fp16 autocast, CUDA graph, GPU pipeline).
+* **file to file (.nii.gz in, .nii.gz out).** MONAI: ``benchmarks.monai_pipeline.run_pipeline(device="cuda")``
+  - LoadImaged ... SaveImaged as the bundle runs them, stage by stage between CUDA synchronisations (its set-up
+  excluded). segrt: ``engine.segment(path, output=...)`` with an already loaded engine (what a service or a batch
+  job sees), and once ``segrt run`` as a fresh process (``cli_cold``: imports, CUDA context, graph capture).
 
-On a machine without MONAI/nibabel (e.g. a bare GPU box with torch + triton), carry the wheels ``monai==1.6.1`` and
-``nibabel`` (and their small pure-Python dependencies) and ``pip install --no-deps`` them first.
+Per run: stage times (s), peak GPU memory (``torch.cuda.max_memory_allocated``), and label agreement with MONAI
+(fraction of voxels). JSON: ``benchmarks/results/gpu_<gpu-name>_<date>.json`` (``--smoke``: ``--out`` or a
+temporary directory) with the card's name, versions and the configuration.
+
+On a machine without MONAI/nibabel (e.g. a bare GPU box with torch + triton), carry their wheels and ``pip install
+--no-deps`` them first: ``benchmarks/device_session.sh`` does that and runs the GPU tests and this benchmark.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -154,31 +158,46 @@ class WallTimer:
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
-def build_network(parser, device, seed: int):
+def build_network(parser, device, ckpt: Path):
     import torch
 
-    torch.manual_seed(seed)
     net = parser.get_parsed_content("network_def", instantiate=True)
+    net.load_state_dict(torch.load(str(ckpt), map_location="cpu", weights_only=True))
     return net.to(device).eval()
 
 
-def make_infer(net, device, amp: bool):
-    import torch
+def write_ct(path: Path, image: np.ndarray, affine: np.ndarray) -> Path:
+    """The phantom as a CT file: int16 HU (what scanners export), sform = qform = affine."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.asarray(np.round(image), dtype=np.int16), affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    nib.save(img, str(path))
+    return path
+
+
+def read_labels(path) -> np.ndarray:
+    import nibabel as nib
+
+    return np.asanyarray(nib.load(str(path)).dataobj)
+
+
+def load_engine(artifact: Path, device, gpu_batch: int, accum: str):
+    """``Engine.load(device="torch-cuda")``; on a CPU device (``--smoke``) the same engine with the torch program on
+    torch's CPU device, forced onto the device-pipeline branch (as tests/test_engine_device.py does)."""
+    from segrt.engine.engine import Engine
 
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        net_cl = net.to(memory_format=torch.channels_last_3d)
+        return Engine.load(artifact, device="torch-cuda", gpu_batch=gpu_batch, accum_dtype=accum)
+    from segrt.artifact import Artifact
+    from segrt.engine.backends.torch_cuda import TorchCudaBackend
 
-        def infer(x):
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-            if amp:
-                with torch.autocast("cuda", dtype=torch.float16):
-                    return net_cl(x)
-            return net_cl(x)
-    else:
-        def infer(x):
-            return net(x)
-    return infer
+    art = Artifact.load(artifact)
+    eng = Engine(art, TorchCudaBackend.from_artifact(art, device="cpu", max_batch=gpu_batch),
+                 "bench_gpu --smoke: torch program on the CPU", accum_dtype=accum)
+    eng.device = "cuda"
+    return eng
 
 
 def machine(device) -> dict:
@@ -212,6 +231,25 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ---- main -------------------------------------------------------------------------------------------
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def _timed_runs(n_runs: int, fn, label: str):
+    """One warm-up then ``n_runs`` timed calls of ``fn() -> (record, labels)``; records of the timed ones."""
+    runs, labels = [], None
+    for r in range(n_runs + 1):
+        rec, labels = fn()
+        print(f"  {label} run {r}{' (warm-up)' if r == 0 else ''}: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in rec["stages"].items())
+              + f"  | total {rec['total_s']:.3f} s"
+              + (f", peak {rec['peak_gpu_memory_bytes'] / 2**30:.2f} GiB" if rec.get("peak_gpu_memory_bytes") else ""),
+              flush=True)
+        if r > 0 or n_runs == 0:
+            runs.append(rec)
+    return {"runs": runs, "median_total_s": _median([x["total_s"] for x in runs])}, labels
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny fixture bundle and volume on the CPU")
@@ -219,17 +257,23 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", type=Path, default=None)
     ap.add_argument("--shape", type=int, nargs=3, default=None)
     ap.add_argument("--spacing", type=float, nargs=3, default=None)
-    ap.add_argument("--runs", type=int, default=1, help="timed runs per side after one warm-up")
-    ap.add_argument("--accum", nargs="+", default=["float16", "float32"], choices=["float16", "float32"])
+    ap.add_argument("--runs", type=int, default=1, help="timed runs per case after one warm-up")
+    ap.add_argument("--gpu-batch", type=int, nargs="+", default=[4, 8], help="segrt windows per network call")
+    ap.add_argument("--accum", nargs="+", default=["float16"], choices=["float16", "float32"])
     ap.add_argument("--no-monai-fp32", action="store_true", help="skip MONAI's fp32 mode (saves time)")
+    ap.add_argument("--no-file", action="store_true", help="skip the file-to-file comparison")
+    ap.add_argument("--no-cli", action="store_true", help="skip the cold 'segrt run' process")
+    ap.add_argument("--work", type=Path, default=None, help="directory for the bundle copy, artifact and files "
+                                                            "(default: a temporary one; reused when given)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = ap.parse_args(argv)
 
     import torch
 
-    from segrt.engine.gpu import TorchPipeline
-    from segrt.export.bundle import load_parser, spec_from_parser
+    from benchmarks.monai_pipeline import _config_parser, bundle_with_weights, run_pipeline
+    from segrt.export import export
+    from segrt.export.bundle import spec_from_parser
     from segrt.volume import Volume
 
     device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
@@ -245,97 +289,164 @@ def main(argv=None) -> int:
         bundle = args.bundle or WHOLEBODY
         shape, spacing = tuple(args.shape or (512, 512, 397)), tuple(args.spacing or (0.84, 0.84, 1.5))
         overrides = {"displayable_configs#highres": True}
-    parser = load_parser(bundle, overrides)
-    spec = spec_from_parser(load_parser(bundle, overrides))  # its own parser: it parses without instantiating
-    net = build_network(parser, device, args.seed)
-    n_params = sum(p.numel() for p in net.parameters())
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_gpu_"))
+    work.mkdir(parents=True, exist_ok=True)
 
+    # ---- set-up (not timed against anything) ----
     t0 = time.perf_counter()
+    wbundle = work / "bundle"
+    ckpt = bundle_with_weights(bundle, wbundle, seed=args.seed, overrides=overrides)
+    artifact = work / "artifact"
+    export(wbundle, artifact, overrides=overrides or None, variants=("fp32",), torch_program=True,
+           gate_samples=1, force=True)
+    export_s = time.perf_counter() - t0
+    parser = _config_parser(wbundle, overrides)
+    spec = spec_from_parser(_config_parser(wbundle, overrides))
+    net = build_network(parser, device, ckpt)
+    n_params = sum(p.numel() for p in net.parameters())
     image, affine = ct_phantom(shape, spacing, args.seed)
-    phantom_s = time.perf_counter() - t0
+    image = np.round(image).astype(np.int16).astype(np.float32)  # the values the int16 file holds
     vol = Volume.from_array(image, affine=affine)
-    print(f"bench_gpu: {bundle.name}, {n_params / 1e6:.1f} M params, input {shape} at {spacing} mm "
-          f"(phantom {phantom_s:.1f} s), device {device}", flush=True)
+    t0 = time.perf_counter()
+    ct_path = write_ct(work / "ct.nii.gz", image, affine)
+    print(f"bench_gpu: {bundle.name}, {n_params / 1e6:.1f} M params, input {shape} at {spacing} mm, "
+          f"{ct_path.stat().st_size / 2**20:.0f} MiB .nii.gz (written in {time.perf_counter() - t0:.1f} s), "
+          f"bundle copy + export {export_s:.1f} s, device {device}", flush=True)
 
     modes = ["fp32", "amp"] if cuda else ["fp32"]
     if args.no_monai_fp32 and cuda:
         modes = ["amp"]
     result = {"machine": machine(device), "date": dt.datetime.now().isoformat(timespec="seconds"),
               "config": {"bundle": bundle.name, "input_shape": list(shape), "input_spacing": list(spacing),
-                         "runs": args.runs, "seed": args.seed, "smoke": args.smoke, "device": str(device),
+                         "input_file_bytes": ct_path.stat().st_size, "runs": args.runs, "seed": args.seed,
+                         "smoke": args.smoke, "device": str(device), "gpu_batch": args.gpu_batch,
+                         "accum": args.accum, "export_s": export_s,
                          "spec": spec.to_dict() | {"class_names": len(spec.class_names)}},
-              "monai": {}, "segrt": {}}
+              "monai": {"in_memory": {}, "file": {}}, "segrt": {"in_memory": {}, "file": {}}}
+    monai_labels = {}
 
-    # ---- MONAI ----
+    # ---- MONAI, volume in memory ----
     mp = MonaiPipeline(parser, net, device)
     wt = WallTimer(cuda)
     with wt("preprocess"):
         batch = mp.preprocess(image, affine)
     pre_s = wt.times["preprocess"]
-    res_shape = list(batch["image"].shape[2:])
-    print(f"  monai preprocess (cpu) {pre_s:.2f} s → {res_shape}", flush=True)
-    monai_labels = {}
+    print(f"  monai preprocess (cpu) {pre_s:.2f} s → {list(batch['image'].shape[2:])}", flush=True)
     for mode in modes:
-        runs = []
-        for r in range(args.runs + 1):
+        def one(mode=mode):
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             t = WallTimer(cuda)
             labels = mp.run(batch, amp=(mode == "amp"), timer=t)
-            rec = {"stages": dict(t.times), "total_gpu_side": sum(t.times.values()),
-                   "total_with_cpu_preprocess": sum(t.times.values()) + pre_s}
+            rec = {"stages": dict(t.times), "total_s": sum(t.times.values()),
+                   "total_with_cpu_preprocess_s": sum(t.times.values()) + pre_s}
             if cuda:
                 rec["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
-            if r > 0 or args.runs == 0:
-                runs.append(rec)
-            print(f"  monai {mode} run {r}{' (warm-up)' if r == 0 else ''}: "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in t.times.items())
-                  + (f", peak {rec.get('peak_gpu_memory_bytes', 0) / 2**30:.2f} GiB" if cuda else ""), flush=True)
-            monai_labels[mode] = labels
-        result["monai"][mode] = {"preprocess_cpu_s": pre_s, "runs": runs,
-                                 "median_total_gpu_side": statistics.median(x["total_gpu_side"] for x in runs)}
-    del batch
-    if "fp32" in monai_labels and "amp" in monai_labels:
-        result["monai"]["agreement_fp32_vs_amp"] = agreement(monai_labels["fp32"], monai_labels["amp"])
+            return rec, labels
+        entry, labels = _timed_runs(args.runs, one, f"monai in-memory {mode}")
+        entry["preprocess_cpu_s"] = pre_s
+        result["monai"]["in_memory"][mode] = entry
+        monai_labels[mode] = labels
+    del batch, mp
+    if cuda:
+        net.cpu()
+        torch.cuda.empty_cache()
 
-    # ---- segrt ----
-    infer = make_infer(net, device, amp=cuda)
-    for acc_name in args.accum:
-        pipe = TorchPipeline(spec, infer, device, accum_dtype=getattr(torch, acc_name))
-        runs = []
-        labels = None
-        for r in range(args.runs + 1):
+    # ---- MONAI, file to file ----
+    if not args.no_file:
+        for mode in modes:
+            def one(mode=mode):
+                out_dir = work / f"monai_out_{mode}"
+                if out_dir.exists():
+                    shutil.rmtree(out_dir)
+                res = run_pipeline(wbundle, ct_path, out_dir, overrides, device=str(device), amp=(mode == "amp"))
+                stages = {k: v for k, v in res["timings"].items() if k != "setup"}
+                rec = {"stages": stages, "total_s": sum(stages.values()), "setup_s": res["timings"]["setup"],
+                       "windows": res["windows"]}
+                if "peak_gpu_memory_bytes" in res:
+                    rec["peak_gpu_memory_bytes"] = res["peak_gpu_memory_bytes"]
+                return rec, read_labels(res["output"])
+            entry, labels = _timed_runs(args.runs, one, f"monai file {mode}")
+            result["monai"]["file"][mode] = entry
+            monai_labels.setdefault(f"file_{mode}", labels)
             if cuda:
                 torch.cuda.empty_cache()
-            res = pipe.segment(vol)
-            labels = res.labels
-            rec = {"stages": res.timings, "peak_gpu_memory_bytes": res.metadata.get("peak_gpu_memory_bytes"),
-                   "stitch_buffer_bytes": res.metadata["stitch_buffer_bytes"], "windows": res.metadata["windows"]}
-            if r > 0 or args.runs == 0:
-                runs.append(rec)
-            print(f"  segrt accum={acc_name} run {r}{' (warm-up)' if r == 0 else ''}: "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in res.timings.items())
-                  + (f", peak {rec['peak_gpu_memory_bytes'] / 2**30:.2f} GiB" if cuda else ""), flush=True)
-        entry = {"runs": runs, "median_total": statistics.median(x["stages"]["total"] for x in runs),
-                 "labels_dtype": str(labels.dtype)}
-        for mode, ml in monai_labels.items():
-            entry[f"agreement_vs_monai_{mode}"] = agreement(labels, ml)
-        result["segrt"][f"accum_{acc_name}"] = entry
-        print(f"  segrt accum={acc_name}: median total {entry['median_total']:.3f} s; agreement "
-              + ", ".join(f"{m} {entry[f'agreement_vs_monai_{m}']:.5f}" for m in monai_labels), flush=True)
+
+    # ---- segrt ----
+    for gb in args.gpu_batch:
+        for acc in args.accum:
+            key = f"batch{gb}_{acc}"
+            eng = load_engine(artifact, device, gb, acc)
+
+            def in_memory():
+                t0 = time.perf_counter()
+                seg = eng.segment(vol, progress=False)
+                total = time.perf_counter() - t0
+                rec = {"stages": {k: v for k, v in seg.timings.items()}, "total_s": total,
+                       "peak_gpu_memory_bytes": seg.metadata.get("peak_gpu_memory_bytes"),
+                       "windows": seg.metadata["windows"], "backend": seg.metadata["backend"]}
+                return rec, seg.labels
+
+            entry, labels = _timed_runs(args.runs, in_memory, f"segrt in-memory {key}")
+            for m in modes:
+                entry[f"agreement_vs_monai_{m}"] = agreement(labels, monai_labels[m])
+            result["segrt"]["in_memory"][key] = entry
+            if not args.no_file:
+                out = work / f"segrt_{key}.nii.gz"
+
+                def file_to_file():
+                    t0 = time.perf_counter()
+                    seg = eng.segment(ct_path, output=out, progress=False)
+                    total = time.perf_counter() - t0
+                    rec = {"stages": dict(seg.timings), "total_s": total,
+                           "peak_gpu_memory_bytes": seg.metadata.get("peak_gpu_memory_bytes")}
+                    return rec, None
+
+                entry, _ = _timed_runs(args.runs, file_to_file, f"segrt file {key}")
+                written = read_labels(out)
+                for m in modes:
+                    if f"file_{m}" in monai_labels:
+                        entry[f"agreement_vs_monai_file_{m}"] = agreement(written, monai_labels[f"file_{m}"])
+                result["segrt"]["file"][key] = entry
+            eng.close()
+            del eng
+            if cuda:
+                torch.cuda.empty_cache()
+
+    # ---- segrt run, a fresh process ----
+    if not args.no_cli:
+        cmd = [sys.executable, "-m", "segrt.cli", "run", str(artifact), str(ct_path), "-o",
+               str(work / "segrt_cli.nii.gz"), "--json", "--quiet", "--device", "torch-cuda" if cuda else "cpu"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            print(proc.stderr[-2000:], file=sys.stderr)
+            result["segrt"]["cli_cold"] = {"returncode": proc.returncode, "stderr": proc.stderr[-2000:]}
+        else:
+            rep = json.loads(proc.stdout)
+            result["segrt"]["cli_cold"] = {"wall_s": wall, "timings": rep["timings"], "backend": rep.get("backend")}
+            print(f"  segrt run (fresh process): {wall:.2f} s wall; " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in rep["timings"].items()), flush=True)
 
     # ---- ratios + write ----
-    ref_mode = "amp" if "amp" in result["monai"] else "fp32"
-    ref = result["monai"][ref_mode]
-    for key, entry in result["segrt"].items():
-        entry[f"speedup_vs_monai_{ref_mode}_gpu_side"] = ref["median_total_gpu_side"] / entry["median_total"]
-        entry[f"speedup_vs_monai_{ref_mode}_with_cpu_preprocess"] = (
-            (ref["median_total_gpu_side"] + ref["preprocess_cpu_s"]) / entry["median_total"])
+    ratios = {}
+    for scope in ("in_memory", "file"):
+        for m, ref in result["monai"][scope].items():
+            for key, entry in result["segrt"][scope].items():
+                ratios[f"{scope}:{key}_vs_monai_{m}"] = ref["median_total_s"] / entry["median_total_s"]
+    for m, ref in result["monai"]["in_memory"].items():
+        for key, entry in result["segrt"]["in_memory"].items():
+            ratios[f"in_memory_with_cpu_preprocess:{key}_vs_monai_{m}"] = (
+                (ref["median_total_s"] + ref["preprocess_cpu_s"]) / entry["median_total_s"])
+    result["speedups"] = ratios
+    for k, v in ratios.items():
+        print(f"  speed-up {k}: {v:.2f}x")
     if args.out is not None:
         out = args.out
     elif args.smoke:
-        out = Path(tempfile.mkdtemp(prefix="bench_gpu_")) / "gpu_smoke.json"
+        out = work / "gpu_smoke.json"
     else:
         name = result["machine"].get("gpu", "cpu").replace(" ", "_").replace("/", "_")
         out = RESULTS / f"gpu_{name}_{dt.date.today().isoformat()}.json"
@@ -344,6 +455,8 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(result, indent=2, default=str))
     os.replace(tmp, out)
     print(f"bench_gpu: wrote {out}")
+    if args.work is None and not args.smoke:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -82,59 +82,89 @@ def bundle_with_weights(src: Path, dst: Path, seed: int = 0, overrides: dict | N
     return ckpt
 
 
-def run_pipeline(bundle, image, out_dir, overrides: dict | None = None, threads: int | None = None) -> dict:
-    """Run the bundle's pipeline on ``image``, writing the labels under ``out_dir``; return timings etc."""
+def run_pipeline(bundle, image, out_dir, overrides: dict | None = None, threads: int | None = None,
+                 device: str = "cpu", amp: bool = False) -> dict:
+    """Run the bundle's pipeline on ``image``, writing the labels under ``out_dir``; return timings etc.
+
+    ``device="cuda"``: what the bundle's evaluator does on a GPU - the network and the collated image on the
+    GPU (``prepare_batch`` moves the batch there), the sliding window, post-processing and Invertd on the GPU
+    tensors, SaveImaged from them; ``amp`` wraps the forward in ``torch.autocast("cuda", float16)`` as the
+    evaluator does with ``amp=True``. Each stage is timed between CUDA synchronisations, and
+    ``peak_gpu_memory_bytes`` is ``torch.cuda.max_memory_allocated`` over the run.
+    """
     import torch
 
     if threads:
         torch.set_num_threads(int(threads))
     from monai.data import decollate_batch, list_data_collate
 
+    cuda = str(device).startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     bundle, out_dir = Path(bundle), Path(out_dir)
     timings = {}
     t0 = time.perf_counter()
     parser = _config_parser(bundle, overrides)
     parser["output_dir"] = str(out_dir)
-    for key in ("inferer#device", "inferer#sw_device"):  # a CPU benchmark: never move tensors to a GPU
+    for key in ("inferer#device", "inferer#sw_device"):  # the device asked for (a CPU benchmark: never a GPU)
         if key in parser:
-            parser[key] = "cpu"
+            parser[key] = str(device)
     torch.manual_seed(0)
     with bundle_on_path(bundle):
         net = parser.get_parsed_content("network_def", instantiate=True)
     net.load_state_dict(torch.load(str(checkpoint_path(parser, bundle)), map_location="cpu", weights_only=True))
-    net.eval()
+    net = net.to(device).eval()
     pre = parser.get_parsed_content("preprocessing")
     inferer = parser.get_parsed_content("inferer")
     post = parser.get_parsed_content("postprocessing")
     timings["setup"] = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
+    sync()
     t0 = time.perf_counter()
     batch = list_data_collate([pre({"image": str(image)})])
+    if cuda:
+        batch["image"] = batch["image"].to(device)
+    sync()
     timings["load_preprocess"] = time.perf_counter() - t0
 
     windows = [0]
 
     def network(x):
         windows[0] += int(x.shape[0])
+        if amp:
+            with torch.autocast("cuda", dtype=torch.float16):
+                return net(x)
         return net(x)
 
     t0 = time.perf_counter()
     with torch.no_grad():
         batch["pred"] = inferer(batch["image"], network)
+    sync()
     timings["infer"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     item = decollate_batch(batch)[0]
     shape = list(item["image"].shape[1:])
-    out = post(item)
+    with torch.no_grad():
+        out = post(item)
+    sync()
     timings["postprocess_write"] = time.perf_counter() - t0
     del out, item, batch
     ext = str(parser["output_ext"]) if "output_ext" in parser else ".nii.gz"  # SaveImaged's default
     written = sorted(out_dir.rglob("*" + ext))
     if len(written) != 1:
         raise RuntimeError(f"expected one label image under {out_dir}, found {[str(p) for p in written]}")
-    return {"timings": timings, "windows": windows[0], "preprocessed_shape": shape,
-            "threads": torch.get_num_threads(), "output": str(written[0])}
+    res = {"timings": timings, "windows": windows[0], "preprocessed_shape": shape,
+           "threads": torch.get_num_threads(), "output": str(written[0]), "device": str(device), "amp": bool(amp)}
+    if cuda:
+        res["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+    return res
 
 
 def _override(text: str):

@@ -1,0 +1,33 @@
+"""benchmarks/bench_gpu.py --smoke: the whole script (bundle copy with weights, export, MONAI in memory and file to
+file, segrt through Engine in memory and file to file) runs on the CPU and records what it claims to."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("monai")
+pytest.importorskip("torch")
+
+
+def test_bench_gpu_smoke(tmp_path):
+    from benchmarks import bench_gpu
+
+    out = tmp_path / "smoke.json"
+    assert bench_gpu.main(["--smoke", "--runs", "1", "--gpu-batch", "1", "3", "--no-cli", "--work",
+                           str(tmp_path / "w"), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["config"]["device"] == "cpu" and r["config"]["gpu_batch"] == [1, 3]
+    for scope in ("in_memory", "file"):
+        assert set(r["monai"][scope]) == {"fp32"}
+        assert set(r["segrt"][scope]) == {"batch1_float16", "batch3_float16"}
+        for entry in r["segrt"][scope].values():
+            assert len(entry["runs"]) == 1 and entry["median_total_s"] > 0
+            agree = [v for k, v in entry.items() if k.startswith("agreement_vs_monai")]
+            assert agree and min(agree) > 0.999  # same weights, same pipeline (fp16 accumulator)
+    mem = r["segrt"]["in_memory"]
+    assert mem["batch1_float16"]["runs"][0]["windows"] == mem["batch3_float16"]["runs"][0]["windows"] >= 1
+    assert set(r["segrt"]["file"]["batch1_float16"]["runs"][0]["stages"]) >= {"load", "write", "infer"}
+    assert any(k.startswith("file:") for k in r["speedups"])
+    assert (tmp_path / "w" / "segrt_batch3_float16.nii.gz").is_file()
