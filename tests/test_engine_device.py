@@ -60,6 +60,9 @@ def test_engine_runs_torch_pipeline_glue_on_cpu(demo_artifact, phantom):
     agreement = float((seg.labels == ref.labels).mean())
     assert agreement >= 0.9999, agreement
     assert seg.metadata["windows"] == ref.metadata["windows"]
+    # the artifact's skip rule is applied on the device branch as on the CPU: the same windows are not run
+    assert seg.metadata["windows_skipped"] == ref.metadata["windows_skipped"]
+    assert seg.metadata["skip_rule"] == ref.metadata["skip_rule"] is not None
 
 
 def test_device_branch_file_to_file_int16(demo_artifact, phantom, tmp_path):

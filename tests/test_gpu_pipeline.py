@@ -17,7 +17,7 @@ from segrt.engine.gpu import TorchPipeline  # noqa: E402
 from segrt.engine.gpu import preprocess as gpp  # noqa: E402
 from segrt.engine.gpu.invert import TorchProbabilityInverter  # noqa: E402
 from segrt.engine.stitch import sliding_window_stream  # noqa: E402
-from segrt.errors import VolumeError  # noqa: E402
+from segrt.errors import InferenceError, VolumeError  # noqa: E402
 from segrt.kernels import reference as KR  # noqa: E402
 from segrt.spec import (InferenceSpec, IntensityOp, Postprocessing, Preprocessing, SpacingSpec,  # noqa: E402
                         Spec)
@@ -377,3 +377,77 @@ def test_batch_size_does_not_change_the_stitched_result():
     b = run(5)
     assert max(calls[:n1]) == 1 and max(calls[n1:]) == 5
     assert torch.equal(a, b)
+
+
+# ---- skipping empty windows (the artifact's skip rule) --------------------------------------------
+def _air_ct(rng, shape):
+    """CT with a body in one corner: many windows see only air (-1000 HU)."""
+    x = np.full(shape, -1000.0, np.float32)
+    body = tuple(slice(0, max(3, n * 2 // 5)) for n in shape)
+    x[body] = np.round(rng.normal(40.0, 200.0, size=x[body].shape))
+    return x
+
+
+@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize("bs", [None, 3])
+def test_stitcher_skip_is_the_numpy_stitchers_bit_for_bit(half, bs):
+    from segrt.engine.gpu.stitch import TorchStitcher
+    from segrt.engine.tiling import plan_windows
+    from segrt.spec import InferenceSpec
+
+    rng = np.random.default_rng(11)
+    img = rng.normal(size=(1, 37, 29, 23)).astype(np.float32)
+    spec = InferenceSpec(roi_size=(16, 12, 10), sw_batch_size=2, overlap=(0.5, 0.25, 0.4), blend_mode="gaussian",
+                         padding_mode="replicate")
+    net = ConvPredictor(4, seed=3, half=half)
+    n_win = plan_windows(img.shape[1:], spec).n_windows
+    skip = rng.random(n_win) < 0.4
+    skip[0] = skip[-1] = True  # first and last windows skipped too
+    assert 0 < skip.sum() < n_win
+    ref = np.empty((4, *img.shape[1:]), np.float32)
+    for x0, slab in sliding_window_stream(img, spec, net.numpy, 4, skip=skip, background_class=2, skip_margin=7.0):
+        ref[:, x0:x0 + slab.shape[1]] = slab
+    calls = []
+
+    def infer(x):
+        calls.append(x.shape[0])
+        return net(x)
+
+    got = torch.zeros((4, *img.shape[1:]))
+    for x0, slab in TorchStitcher(torch.from_numpy(img), spec, infer, 4, batch_size=bs, skip=skip,
+                                  background_class=2, skip_margin=7.0):
+        got[:, x0:x0 + slab.shape[1]] = slab
+    np.testing.assert_array_equal(got.numpy(), ref)
+    assert sum(calls) == int((~skip).sum())  # skipped windows never reach the network
+    with pytest.raises(InferenceError, match="one flag per window"):
+        TorchStitcher(torch.from_numpy(img), spec, infer, 4, skip=skip[:-1])
+
+
+def test_pipeline_skip_rule_matches_numpy_engine():
+    """TorchPipeline(skip_empty=True) decides the same windows as the NumPy engine (window maxima of the resampled
+    input before the intensity ops) and stitches them the same way."""
+    import dataclasses
+
+    from segrt.engine.stitch import window_maxima
+    from segrt.engine.tiling import plan_windows
+    from segrt.spec import SkipRule
+
+    rng = np.random.default_rng(12)
+    vol = Volume.from_array(_air_ct(rng, (41, 35, 19)), affine=_affine((1.1, 0.9, 2.7)))
+    base = _spec(k=4, softmax=False, overlap=(0.25, 0.25, 0.25), intensity=SPLEEN_INTENSITY)
+    spec = dataclasses.replace(base, inference=dataclasses.replace(
+        base.inference, skip_rule=SkipRule(threshold=-500.0, background_class=0, margin=10.0)))
+    net = ConvPredictor(4, seed=5)
+    raw = {}
+    image, _ = pp.preprocess(vol, spec.preprocessing, raw_hook=lambda a: raw.setdefault("a", a.copy()))
+    maxima = window_maxima(raw["a"], plan_windows(raw["a"].shape[1:], spec.inference))
+    skip = maxima < -500.0
+    assert 0 < skip.sum() < skip.size
+    ref = np.empty((4, *image.shape[1:]), np.float32)
+    for x0, slab in sliding_window_stream(image, spec.inference, net.numpy, 4, skip=skip):
+        ref[:, x0:x0 + slab.shape[1]] = slab
+    res = TorchPipeline(spec, net, "cpu", skip_empty=True).segment(vol, return_probabilities=True)
+    assert res.metadata["windows_skipped"] == int(skip.sum()) and res.metadata["skip_rule"]["threshold"] == -500.0
+    np.testing.assert_array_equal(res.metadata["probabilities"], ref)
+    off = TorchPipeline(spec, net, "cpu").segment(vol)
+    assert off.metadata["windows_skipped"] == 0 and off.metadata["skip_rule"] is None

@@ -384,7 +384,7 @@ class Engine:
             accum = getattr(torch, self.accum_dtype or "float16")
             where = getattr(self.backend, "torch_device", "cuda")
             self._gpu_pipeline = TorchPipeline(self.spec, self.backend.infer_torch, where, accum_dtype=accum,
-                                               batch_size=self.backend.max_batch)
+                                               batch_size=self.backend.max_batch, skip_empty=self.skip_empty)
         res = self._gpu_pipeline.segment(vol, return_probabilities=return_probabilities)
         t = res.timings
         timings["preprocess"] = t.get("upload", 0.0) + t.get("preprocess", 0.0)

@@ -42,6 +42,19 @@ __all__ = ["TorchPipeline", "PipelineResult", "STAGES"]
 STAGES = ("upload", "preprocess", "infer", "stitch", "invert", "download")
 
 
+def window_maxima(image: torch.Tensor, plan) -> np.ndarray:
+    """Per-window maximum of ``image (C, X, Y, Z)`` over channels and the window's unpadded voxels (float64 on the
+    host; :func:`segrt.engine.stitch.window_maxima`'s result). One small reduction per window, one transfer."""
+    lows = [lo for lo, _ in plan.pads]
+    shape = plan.spatial_shape
+    rois = plan.roi_size
+    vals = []
+    for start in plan.windows:
+        sl = tuple(slice(max(s - lo, 0), min(s - lo + r, n)) for s, lo, r, n in zip(start, lows, rois, shape))
+        vals.append(image[(slice(None), *sl)].amax())
+    return torch.stack(vals).to(torch.float64).cpu().numpy()
+
+
 class PipelineResult(NamedTuple):
     labels: np.ndarray  # on the input grid, uint8 (≤ 256 classes) or uint16
     timings: dict  # seconds per stage (STAGES) and "total"
@@ -56,12 +69,15 @@ class TorchPipeline:
     engine bit for bit given identical network outputs; float16 halves the ring). ``resample_dtype``: compute type
     of the trilinear resampling (float64 = bit-identical to the NumPy reference). ``use_triton``: the fused
     resample+argmax kernel for probability-space inversion (default: on CUDA when Triton imports).
+    ``batch_size``: windows per network call (default: the spec's sw_batch_size; the result does not depend on
+    it). ``skip_empty``: apply the spec's skip rule (windows whose resampled input is all below its threshold are
+    not run; see :class:`segrt.spec.SkipRule`), as the NumPy engine does by default.
     """
 
     def __init__(self, spec: Spec, infer_torch: Callable[[torch.Tensor], torch.Tensor], device,
                  accum_dtype: torch.dtype = torch.float32, resample_dtype: torch.dtype = torch.float64,
                  use_triton: bool | None = None, upload_chunk_bytes: int = 64 << 20,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, skip_empty: bool = False):
         if not isinstance(spec, Spec):
             raise SpecError(f"expected a segrt.spec.Spec, received {type(spec).__name__}")
         if not callable(infer_torch):
@@ -75,6 +91,8 @@ class TorchPipeline:
         self.resample_dtype = resample_dtype
         self.use_triton = use_triton
         self.batch_size = batch_size  # windows per network call (default: the spec's sw_batch_size)
+        # the artifact's skip rule (CT: all-air windows are not run), as the NumPy engine applies it
+        self.skip_rule = spec.inference.skip_rule if skip_empty else None
         self.uploader = gpp.Uploader(self.device, upload_chunk_bytes)
         self.label_dtype = np.dtype(spec.label_dtype)
         # int16 on the device for > 256 classes (torch's uint16 lacks kernels); read back as uint16
@@ -111,6 +129,9 @@ class TorchPipeline:
                 raise SpecError(f"spacing mode must be 'bilinear' or 'nearest', received {pre.spacing.mode!r}")
         else:
             x = img.materialize(copy=True)
+        self._maxima = None
+        if self.skip_rule is not None:  # on the resampled input, before the intensity transforms (as the CPU)
+            self._maxima = window_maxima(x, plan_windows(tuple(x.shape[1:]), self.spec.inference))
         x = gpp.apply_intensity(x, pre.intensity).contiguous()
         record = pp.PreprocessRecord(
             input_shape=in_shape, input_affine=np.asarray(volume.affine, dtype=np.float64), ornt=ornt,
@@ -144,8 +165,13 @@ class TorchPipeline:
             K = spec.num_classes
             post = spec.postprocessing
             tok = timer.start("stitch")
+            rule = self.skip_rule
+            skip = None if rule is None else self._maxima < rule.threshold
+            n_skip = 0 if skip is None else int(skip.sum())
             stitcher = TorchStitcher(image, spec.inference, self.infer_torch, K, self.accum_dtype,
-                                     batch_size=self.batch_size)
+                                     batch_size=self.batch_size, skip=skip,
+                                     **({} if rule is None else {"background_class": rule.background_class,
+                                                                 "skip_margin": rule.margin}))
             infer_tok = [None]
 
             def on_infer(begin: bool):  # split the loop's time into network calls and the rest
@@ -198,9 +224,12 @@ class TorchPipeline:
                 host.copy_(labels_dev.permute(2, 1, 0).contiguous())
             timer.stop(total)
         timings = timer.results(STAGES + ("total",))
+        n_win = plan_windows(res_shape, spec.inference).n_windows
         meta = {
             "device": str(dev),
-            "windows": plan_windows(res_shape, spec.inference).n_windows,
+            "windows": n_win,
+            "windows_run": n_win - n_skip, "windows_skipped": n_skip, "skipped_fraction": n_skip / n_win,
+            "skip_rule": None if rule is None else rule.to_dict(),
             "preprocessed_shape": list(res_shape),
             "accum_dtype": str(self.accum_dtype).replace("torch.", ""),
             "resample_dtype": str(self.resample_dtype).replace("torch.", ""),

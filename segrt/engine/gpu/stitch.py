@@ -9,6 +9,10 @@ count map and handed out in chunks of at most ``chunk_rows`` rows, then cleared 
 
 ``accum_dtype`` float32 reproduces :func:`segrt.engine.stitch.sliding_window_stream` bit for bit (given the same
 network outputs); float16 halves the ring (each addition rounded to float16; the division is done in float32).
+
+``skip`` (one flag per window, from the artifact's skip rule): a skipped window is not run; it adds the constant
+logits 0 (background) / ``-margin`` (others), weighted, at its place in the window order - exactly the NumPy
+stitcher's rule ("Skipping" in :mod:`segrt.engine.stitch`); the windows that run are batched among themselves.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segrt.engine.stitch import slab_bounds
+from segrt.engine.stitch import SKIP_MARGIN, slab_bounds
 from segrt.engine.tiling import plan_windows, importance_map
 from segrt.errors import InferenceError, SpecError
 from segrt.kernels.stitch_ref import ring_segments
@@ -40,7 +44,8 @@ class TorchStitcher:
 
     def __init__(self, image: torch.Tensor, spec: InferenceSpec, infer: Callable, num_classes: int,
                  accum_dtype: torch.dtype = torch.float32, chunk_bytes: int = _FINAL_CHUNK_BYTES,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, skip=None, background_class: int = 0,
+                 skip_margin: float = SKIP_MARGIN):
         if not isinstance(spec, InferenceSpec):
             raise SpecError(f"spec must be an InferenceSpec, got {type(spec).__name__}")
         if image.dim() != 4 or image.dtype != torch.float32:
@@ -81,6 +86,19 @@ class TorchStitcher:
         self.chunk_rows = min(self.chunk_rows, max(hi - lo for lo, hi in slab_bounds(self.plan)))
         self.out = torch.empty((self.k, self.chunk_rows, y, z), dtype=torch.float32, device=self.device)
         self.on_infer: Callable | None = None
+        n_win = self.plan.n_windows
+        if skip is None:
+            self.skip = np.zeros(n_win, dtype=bool)
+        else:
+            self.skip = np.asarray(skip, dtype=bool).reshape(-1)
+            if self.skip.shape != (n_win,):
+                raise InferenceError(f"skip must hold one flag per window ({n_win}), got {self.skip.shape[0]}")
+        self.background_class = int(background_class)
+        if self.skip.any() and not 0 <= self.background_class < self.k:
+            raise SpecError(f"background_class must be in [0, {self.k}), got {background_class}")
+        # a skipped window's weighted logits: 0 for the background, -margin·w elsewhere (float32, as the NumPy
+        # stitcher computes them)
+        self.skip_weighted = (self.weight * float(np.float32(-float(skip_margin)))) if self.skip.any() else None
 
     @property
     def buffer_bytes(self) -> dict[str, int]:
@@ -98,14 +116,21 @@ class TorchStitcher:
                                                 dtype=dtype, device=self.device)
         return self._weighted[dtype]
 
-    def _accumulate(self, weighted: torch.Tensor, starts) -> None:
+    def _accumulate(self, weighted: torch.Tensor | None, start) -> None:
+        """Add one window (``weighted``: its weighted prediction, or None for a skipped window) into the ring."""
         ring = self.acc.shape[1]
         rx, ry, rz = self.plan.roi_size
-        for b, (x0, y0, z0) in enumerate(starts):
-            ys, zs = slice(y0, y0 + ry), slice(z0, z0 + rz)
-            for p, off, n in ring_segments(x0, rx, ring):
-                self.acc[:, p:p + n, ys, zs] += weighted[b, :, off:off + n]
-                self.count[p:p + n, ys, zs] += self.weight[off:off + n]
+        x0, y0, z0 = start
+        ys, zs = slice(y0, y0 + ry), slice(z0, z0 + rz)
+        bg = self.background_class
+        for p, off, n in ring_segments(x0, rx, ring):
+            if weighted is None:
+                s = self.skip_weighted[off:off + n]
+                self.acc[:bg, p:p + n, ys, zs] += s
+                self.acc[bg + 1:, p:p + n, ys, zs] += s
+            else:
+                self.acc[:, p:p + n, ys, zs] += weighted[:, off:off + n]
+            self.count[p:p + n, ys, zs] += self.weight[off:off + n]
 
     def _finished(self, lo: int, hi: int) -> Iterator[tuple[int, torch.Tensor]]:
         """Divide, crop and hand out padded rows ``[lo, hi)`` in chunks; then clear them in the ring."""
@@ -135,10 +160,20 @@ class TorchStitcher:
         bounds = slab_bounds(plan)
         rx, ry, rz = plan.roi_size
         expect = (self.k, *plan.roi_size)
-        for b0 in range(0, n_win, bsz):
-            nb = min(bsz, n_win - b0)
-            batch = windows[b0:b0 + nb]
-            for j, (x, y, z) in enumerate(batch):
+        run = [i for i in range(n_win) if not self.skip[i]]
+        nxt = 0  # the next window (in MONAI's order) to add
+
+        def add(i, weighted):
+            self._accumulate(weighted, windows[i])
+            if (i + 1) % per_x == 0:  # the last window of this axis-0 start: rows below the next are final
+                return self._finished(*bounds[i // per_x])
+            return ()
+
+        for b0 in range(0, len(run), bsz):
+            idx = run[b0:b0 + bsz]
+            nb = len(idx)
+            for j, i in enumerate(idx):
+                x, y, z = windows[i]
                 self.batch_in[j].copy_(self.image[:, x:x + rx, y:y + ry, z:z + rz])
             if self.on_infer is not None:
                 self.on_infer(True)
@@ -155,11 +190,12 @@ class TorchStitcher:
             wbuf = self._weighted_buf(pred.dtype)[:nb]
             torch.mul(pred, self.weight, out=wbuf)  # computed in float32, rounded to pred's dtype (MONAI §5.7)
             del pred
-            j = 0
-            while j < nb:
-                gi = (b0 + j) // per_x
-                e = min(nb, (gi + 1) * per_x - b0)
-                self._accumulate(wbuf[j:e], batch[j:e])
-                j = e
-                if b0 + e == (gi + 1) * per_x:
-                    yield from self._finished(*bounds[gi])
+            for j, i in enumerate(idx):
+                while nxt < i:  # skipped windows before this one, in order
+                    yield from add(nxt, None)
+                    nxt += 1
+                yield from add(i, wbuf[j])
+                nxt += 1
+        while nxt < n_win:
+            yield from add(nxt, None)
+            nxt += 1
