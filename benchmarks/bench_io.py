@@ -14,6 +14,10 @@ Codecs: the standard library's ``gzip`` (what nibabel uses), ISA-L (``isal.igzip
 * encode: ``module.compress`` of the uint8 label volume's raw bytes at each level listed in ``LEVELS``
   (with the compressed size), and ``segrt.volume.save_labels`` end to end with that codec at segrt's level.
 
+Readers (``results.readers``): ``segrt.volume.read_nifti`` single-threaded and with rapidgzip's parallel decoding
+(2..N threads), ``load_nifti``, the GPU path's former host-side input work, and ``save_labels`` of C- and
+Fortran-ordered labels (see :func:`run_readers`).
+
 Every fast codec's label output is checked to decompress (standard library) to the same bytes.
 Writes ``benchmarks/results/io_<date>.json`` and prints a table. Single-threaded throughout. The
 end-to-end ``save_labels`` time also holds nibabel's serialisation (it gathers the C-ordered label
@@ -51,7 +55,7 @@ def machine_info() -> dict:
 
     from benchmarks._machine import machine_info as base
 
-    info = base(("numpy", "nibabel", "isal", "zlib-ng", "segrt"))
+    info = base(("numpy", "nibabel", "isal", "zlib-ng", "rapidgzip", "segrt"))
     info["versions"]["zlib_runtime"] = zlib.ZLIB_RUNTIME_VERSION
     info["loadavg_start"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return info
@@ -127,6 +131,89 @@ def _stream_read(codec, path: Path, n: int) -> None:
             raise RuntimeError(f"{codec.name}: short read of {path}")
 
 
+class _Parallel:
+    """Switch rapidgzip's parallel decoding on (at ``threads``) or off, and make it apply to any file size."""
+
+    def __init__(self, threads: int | None):
+        self.threads = threads
+
+    def __enter__(self):
+        self.saved = (os.environ.get("SEGRT_PARALLEL_GZIP"), sv._PARALLEL_MIN_BYTES, sv._decode_threads)
+        if self.threads == "default":  # segrt's own choice for this machine
+            pass
+        elif self.threads is None:
+            os.environ["SEGRT_PARALLEL_GZIP"] = "0"
+        else:
+            os.environ["SEGRT_PARALLEL_GZIP"] = "1"
+            sv._PARALLEL_MIN_BYTES = 0
+            sv._decode_threads = lambda: self.threads
+        return self
+
+    def __exit__(self, *exc):
+        env, sv._PARALLEL_MIN_BYTES, sv._decode_threads = self.saved
+        if env is None:
+            os.environ.pop("SEGRT_PARALLEL_GZIP", None)
+        else:
+            os.environ["SEGRT_PARALLEL_GZIP"] = env
+        return False
+
+
+def _old_device_input(path: Path):
+    """What the GPU path did with a file before read_nifti: float32 Volume, finite check, C-order copy for
+    the upload (the file's Fortran order transposed on the host)."""
+    vol = sv.load_nifti(path)
+    if not np.isfinite(vol.array).all():
+        raise RuntimeError("non-finite")
+    return np.ascontiguousarray(vol.array)
+
+
+def run_readers(ct_path: Path, labels: np.ndarray, affine: np.ndarray, repeats: int, log) -> dict:
+    """The readers and the writer of the file-to-file path, with segrt's codec choice (ISA-L first).
+
+    ``read_nifti`` (voxels as stored: what the GPU path uploads) single-threaded and with rapidgzip on 2..N
+    threads, and with segrt's default choice for this machine; ``load_nifti`` (MONAI's float32 Volume: what the CPU
+    path uses); the GPU path's former host work (``load_nifti`` + finite check + C-order copy); ``save_labels`` of a C-ordered and of a Fortran-ordered label
+    map (the GPU path returns Fortran order).
+    """
+    try:
+        import rapidgzip  # noqa: F401
+
+        have_rg = True
+    except ImportError:
+        have_rg = False
+    ncpu = sv._decode_threads()
+    thread_counts = sorted({t for t in (2, 4, 8, ncpu) if 2 <= t <= ncpu}) if have_rg else []
+    cases = {"read_nifti_1thread": (None, lambda: sv.read_nifti(ct_path))}
+    for t in thread_counts:
+        cases[f"read_nifti_{t}threads"] = (t, lambda: sv.read_nifti(ct_path))
+    cases["read_nifti_default"] = ("default", lambda: sv.read_nifti(ct_path))
+    cases["load_nifti_default"] = ("default", lambda: sv.load_nifti(ct_path))
+    cases["old_gpu_host_input"] = ("default", lambda: _old_device_input(ct_path))
+    out = ct_path.parent / "readers_labels.nii.gz"
+    lab_c = np.ascontiguousarray(labels)
+    lab_f = np.asfortranarray(labels)
+    cases["save_labels_C"] = (None, lambda: sv.save_labels(lab_c, affine, out))
+    cases["save_labels_F"] = (None, lambda: sv.save_labels(lab_f, affine, out))
+    times = {k: [] for k in cases}
+    for rep in range(repeats):
+        for name, (threads, fn) in (cases.items() if rep % 2 == 0 else reversed(cases.items())):
+            with _Parallel(threads):
+                times[name].append(_timed(fn))
+        log(f"readers: repeat {rep + 1}/{repeats} done")
+    ref = sv.load_nifti(ct_path).array
+    for t in thread_counts:
+        with _Parallel(t):
+            if not np.array_equal(sv.read_nifti(ct_path).array.astype(np.float32), ref):
+                raise RuntimeError(f"read_nifti with {t} threads differs from load_nifti")
+    with _Parallel("default"):
+        f = sv._open_parallel(ct_path) if have_rg else None
+        default_parallel = f is not None
+        if f is not None:
+            f.close()
+    return {"rapidgzip": have_rg, "thread_counts": [1] + thread_counts, "default_uses_rapidgzip": default_parallel,
+            "median_s": {k: statistics.median(v) for k, v in times.items()}, "runs_s": times}
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -190,6 +277,7 @@ def run(shape, repeats: int, source: str, log) -> dict:
                     if not np.array_equal(back, labels):
                         raise RuntimeError(f"{n}: save_labels output differs when read back by nibabel")
             log(f"repeat {rep + 1}/{repeats} done")
+        readers = run_readers(ct_path, labels, affine, repeats, log)
     finally:
         for f in work.iterdir():
             f.unlink()
@@ -207,6 +295,7 @@ def run(shape, repeats: int, source: str, log) -> dict:
                           for (n, lv), v in t_encode.items()],
         "save_labels_s": {n: med(v) for n, v in t_save.items()},
         "save_labels_bytes": size_save,
+        "readers": readers,
         "all_runs": {"decode_ct_s": t_decode, "stream_ct_s": t_stream, "load_nifti_ct_s": t_load,
                      "save_labels_s": t_save, "encode_labels_s": {f"{n}@{lv}": v for (n, lv), v in t_encode.items()}},
     }
@@ -233,6 +322,12 @@ def print_table(report: dict, out=sys.stdout) -> None:
     for e in r["encode_labels"]:
         print(f"{e['codec']:<12}{e['level']:>6}{e['s']:>12.3f}{base_e / e['s']:>9.2f}x{e['bytes'] / mib:>9.2f}",
               file=out)
+    rd = r.get("readers")
+    if rd:
+        print(f"file-to-file readers/writer (segrt's codec choice; rapidgzip {'yes' if rd['rapidgzip'] else 'no'})",
+              file=out)
+        for k, v in rd["median_s"].items():
+            print(f"  {k:<28}{v:>8.3f} s", file=out)
     base_s = r["save_labels_s"]["stdlib"]
     print(f"{'save_labels':<12}{'level':>6}{'s':>12}{'speed-up':>10}{'MiB':>9}", file=out)
     for n, s in r["save_labels_s"].items():

@@ -26,8 +26,9 @@ conversion, no transposition. :class:`RawImage` keeps them so (the GPU pipeline 
 nibabel alone stops before it and returns a corrupted file's voxels silently. Anything else (NIfTI-2, a header
 nibabel's Nifti1 sniff rejects) goes through ``nib.load``, so its errors are exactly nibabel's.
 
-gzip: large ``.nii.gz`` inputs are decoded on several cores by rapidgzip when it is installed (a core dependency
-where it has wheels); otherwise, and for writing, ISA-L (``isal``) or zlib-ng (``zlib-ng``) when one of them is
+gzip: large ``.nii.gz`` inputs are decoded on several cores by rapidgzip when it is installed (``[gpu]`` extra)
+and at least 8 CPUs are usable (on 2 cores it is slower than ISA-L; see ``_PARALLEL_MIN_THREADS``); otherwise,
+and for writing, ISA-L (``isal``) or zlib-ng (``zlib-ng``) when one of them is
 importable (ISA-L first), else the standard library's ``gzip`` as nibabel does. Labels are written by nibabel
 into the fast codec's stream (the same uncompressed bytes as ``nibabel.save``; a standard gzip file, no file
 name, mtime 0); a Fortran-ordered label map (what the GPU pipeline returns) is written without a host
@@ -193,10 +194,15 @@ def _gzip_codec() -> _GzipCodec:
 
 
 # ---- parallel gzip decoding -----------------------------------------------------------------------
-# rapidgzip (https://github.com/mxmlnkn/rapidgzip, Apache-2.0/MIT) decodes any gzip file on several cores
-# (speculative block finding, as in pugz; CRC32 checked, including in parallel mode). It pays off for large
-# files only: below _PARALLEL_MIN_BYTES of compressed data the single-threaded ISA-L stream is as fast.
+# rapidgzip (https://github.com/mxmlnkn/rapidgzip, Apache-2.0/MIT; optional, in the [gpu] extra) decodes any gzip
+# file on several cores (speculative block finding, as in pugz; CRC32 checked, also in parallel mode). Measured
+# here (benchmarks/bench_io.py, 2-core AMD EPYC, 512x512x397 int16 CT-like volume, 86 MiB .nii.gz): ISA-L one
+# thread 0.34 s, rapidgzip one thread 0.49 s, two threads 0.60 s - slower. Its published scaling is to many cores,
+# so it is used only from _PARALLEL_MIN_THREADS usable CPUs (GPU hosts) and for files of at least
+# _PARALLEL_MIN_BYTES; that it helps there is NOT yet measured (benchmarks/device_session.sh runs bench_io on the
+# lent GPU host to find out). SEGRT_PARALLEL_GZIP=0 switches it off, =1 uses it from 2 CPUs.
 _PARALLEL_MIN_BYTES = 16 << 20
+_PARALLEL_MIN_THREADS = 8
 _PARALLEL_MAX_THREADS = 16
 
 
@@ -225,10 +231,12 @@ def _address_space_limited() -> bool:
 
 def _open_parallel(p: Path):
     """A rapidgzip reader for ``p`` (caller closes it: an unclosed one aborts the interpreter at exit), or None
-    when rapidgzip is not installed, switched off (``SEGRT_PARALLEL_GZIP=0``), only one CPU is usable, the
-    file is small or the address space is limited (see :func:`_address_space_limited`)."""
+    when rapidgzip is not installed, switched off (``SEGRT_PARALLEL_GZIP=0``), fewer than
+    ``_PARALLEL_MIN_THREADS`` CPUs are usable (2 with ``SEGRT_PARALLEL_GZIP=1``), the file is small or the address
+    space is limited (see :func:`_address_space_limited`)."""
     threads = _decode_threads()
-    if threads < 2 or os.environ.get("SEGRT_PARALLEL_GZIP", "1") == "0" or _address_space_limited():
+    mode = os.environ.get("SEGRT_PARALLEL_GZIP", "")
+    if mode == "0" or threads < (2 if mode == "1" else _PARALLEL_MIN_THREADS) or _address_space_limited():
         return None
     try:
         if p.stat().st_size < _PARALLEL_MIN_BYTES:

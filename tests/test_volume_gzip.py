@@ -287,5 +287,10 @@ def test_bench_io_smoke(capsys):
     assert set(r["decode_ct_s"]) == {"stdlib", *FAST}
     assert {(e["codec"], e["level"]) for e in r["encode_labels"]} >= {("stdlib", 1)}
     assert all(e["bytes"] > 0 for e in r["encode_labels"]) and r["ct_raw_bytes"] == 16 * 12 * 6 * 2 + 352
+    rd = r["readers"]["median_s"]
+    assert {"read_nifti_1thread", "read_nifti_default", "load_nifti_default", "old_gpu_host_input", "save_labels_C",
+            "save_labels_F"} <= set(rd)
+    assert all(v > 0 for v in rd.values())
     bench_io.print_table({"machine": {**bench_io.machine_info(), "loadavg_start": [0.0]}, "results": r})
-    assert "save_labels" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "save_labels" in text and "read_nifti_1thread" in text

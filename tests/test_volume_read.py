@@ -68,6 +68,7 @@ def force_parallel(monkeypatch):
 
     monkeypatch.setattr(sv, "_PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(sv, "_decode_threads", lambda: 2)
+    monkeypatch.setenv("SEGRT_PARALLEL_GZIP", "1")  # from 2 CPUs
     monkeypatch.setattr(rapidgzip, "open", spy)
     return used
 
@@ -183,13 +184,21 @@ def test_decode_threads_and_threshold_choose_the_decoder(tmp_path, monkeypatch):
     p = _write(tmp_path / "small.nii.gz", _random(rng, np.int16, (8, 8, 8)), np.eye(4))
     monkeypatch.setattr(sv, "_decode_threads", lambda: 1)
     assert sv._open_parallel(p) is None  # one CPU: the single-threaded codec
-    monkeypatch.setattr(sv, "_decode_threads", lambda: 4)
+    monkeypatch.setattr(sv, "_decode_threads", lambda: 16)
     assert sv._open_parallel(p) is None  # small file
     pytest.importorskip("rapidgzip")
     monkeypatch.setattr(sv, "_PARALLEL_MIN_BYTES", 0)
+    monkeypatch.delenv("SEGRT_PARALLEL_GZIP", raising=False)
     f = sv._open_parallel(p)
-    assert f is not None
+    assert f is not None  # 16 CPUs, a large enough file
     f.close()
+    monkeypatch.setattr(sv, "_decode_threads", lambda: 4)
+    assert sv._open_parallel(p) is None  # below _PARALLEL_MIN_THREADS: ISA-L is faster on few cores
+    monkeypatch.setenv("SEGRT_PARALLEL_GZIP", "1")
+    f = sv._open_parallel(p)
+    assert f is not None  # forced on
+    f.close()
+    monkeypatch.setattr(sv, "_decode_threads", lambda: 16)
     monkeypatch.setenv("SEGRT_PARALLEL_GZIP", "0")
     assert sv._open_parallel(p) is None  # switched off
     monkeypatch.delenv("SEGRT_PARALLEL_GZIP")
