@@ -61,10 +61,7 @@ if str(REPO) not in sys.path:
 from benchmarks import _machine  # noqa: E402
 from benchmarks.monai_pipeline import bundle_with_weights  # noqa: E402
 
-SHARED = REPO.parent / "shared"
-WHOLEBODY = SHARED / "bundles" / "wholeBody_ct_segmentation"
-SMOKE_BUNDLE = REPO / "tests" / "fixtures" / "bundles" / "wholebody_small"
-RESULTS = REPO / "benchmarks" / "results"
+from benchmarks._paths import RESULTS, SMOKE_BUNDLE, WHOLEBODY  # noqa: E402
 
 #: name -> (phantom shape, phantom spacing mm, bundle overrides)
 CONFIGS = {

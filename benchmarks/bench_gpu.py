@@ -51,10 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-SHARED = REPO.parent / "shared"
-WHOLEBODY = SHARED / "bundles" / "wholeBody_ct_segmentation"
-SMOKE_BUNDLE = REPO / "tests" / "fixtures" / "bundles" / "wholebody_small"
-RESULTS = REPO / "benchmarks" / "results"
+from benchmarks._paths import RESULTS, SMOKE_BUNDLE, WHOLEBODY  # noqa: E402
 
 
 # ---- input ---------------------------------------------------------------------------------------
@@ -348,7 +345,7 @@ def main(argv=None) -> int:
         entry["preprocess_cpu_s"] = pre_s
         result["monai"]["in_memory"][mode] = entry
         monai_labels[mode] = labels
-    del batch, mp
+    batch = mp = None  # free the MONAI buffers before segrt runs
     if cuda:
         net.cpu()
         torch.cuda.empty_cache()
@@ -410,7 +407,7 @@ def main(argv=None) -> int:
                         entry[f"agreement_vs_monai_file_{m}"] = agreement(written, monai_labels[f"file_{m}"])
                 result["segrt"]["file"][key] = entry
             eng.close()
-            del eng
+            eng = None
             if cuda:
                 torch.cuda.empty_cache()
 

@@ -59,8 +59,22 @@ def _column_norms(affine: np.ndarray, r: int) -> np.ndarray:
     return sp
 
 
+class _ChannelFirst:
+    """Shape accessors of a channel-first ``(C, X, Y, Z)`` ``array``."""
+
+    array: np.ndarray
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape[1:])
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.array.shape[0])
+
+
 @dataclass
-class Volume:
+class Volume(_ChannelFirst):
     """A channel-first image ``(C, X, Y, Z)`` float32 with its 4x4 voxel-to-world affine."""
 
     array: np.ndarray
@@ -110,14 +124,6 @@ class Volume:
             raise VolumeError(f"expected a 3-D (X, Y, Z) or 4-D (C, X, Y, Z) array, received shape "
                               f"{tuple(array.shape)}")
         return cls(array, np.asarray(affine, dtype=np.float64), **kw)
-
-    @property
-    def spatial_shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.array.shape[1:])
-
-    @property
-    def num_channels(self) -> int:
-        return int(self.array.shape[0])
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -397,7 +403,7 @@ def _input_path(path) -> Path:
 
 
 @dataclass
-class RawImage:
+class RawImage(_ChannelFirst):
     """A NIfTI image's voxels as stored: ``(C, X, Y, Z)`` in the file's dtype and memory order (a 3-D file's
     array is a Fortran-ordered view, like nibabel's), with its (header-corrected) affine and header.
 
@@ -411,14 +417,6 @@ class RawImage:
     affine: np.ndarray
     header: object | None = None
     path: str | None = None
-
-    @property
-    def spatial_shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.array.shape[1:])
-
-    @property
-    def num_channels(self) -> int:
-        return int(self.array.shape[0])
 
     def to_volume(self) -> Volume:
         """The float32 :class:`Volume` MONAI's ``LoadImaged`` + ``EnsureChannelFirstd`` would give."""

@@ -83,7 +83,7 @@ def test_device_branch_file_to_file_int16(demo_artifact, phantom, tmp_path):
     src = tmp_path / "ct_int16.nii.gz"
     nib.save(nib.Nifti1Image(ct, img.affine, header=hdr), str(src))
 
-    ref = Engine.load(demo_artifact, device="cpu").segment(src, output=tmp_path / "cpu.nii.gz", progress=False)
+    Engine.load(demo_artifact, device="cpu").segment(src, output=tmp_path / "cpu.nii.gz", progress=False)
     art = Artifact.load(demo_artifact)
     eng = Engine(art, TorchCudaBackend.from_artifact(art, device="cpu"), "test: torch program on the CPU",
                  accum_dtype="float32")
