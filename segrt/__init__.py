@@ -33,10 +33,12 @@ __all__ = [
     "Engine",
     "Segmentation",
     "Volume",
+    "RawImage",
     "Artifact",
     "Spec",
     "export",
     "load_nifti",
+    "read_nifti",
     "SegrtError",
     "VolumeError",
     "ArtifactError",
@@ -55,7 +57,7 @@ def __getattr__(name):  # lazy: keep `import segrt` cheap and torch-free
         from segrt.engine import engine as _e
 
         return getattr(_e, name)
-    if name in ("Volume", "load_nifti"):
+    if name in ("Volume", "RawImage", "load_nifti", "read_nifti"):
         from segrt import volume as _v
 
         return getattr(_v, name)

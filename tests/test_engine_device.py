@@ -98,6 +98,13 @@ def test_device_branch_file_to_file_int16(demo_artifact, phantom, tmp_path):
     agreement = float((np.asanyarray(a.dataobj) == np.asanyarray(b.dataobj)).mean())
     assert agreement >= 0.9999, agreement
     np.testing.assert_array_equal(np.asanyarray(b.dataobj), seg.labels)
+    # a RawImage from segrt.read_nifti: as stored on the device branch, MONAI's float32 on the CPU engine
+    import segrt
+
+    raw = segrt.read_nifti(src)
+    np.testing.assert_array_equal(eng.segment(raw, progress=False).labels, seg.labels)
+    cpu = Engine.load(demo_artifact, device="cpu").segment(raw, progress=False)
+    np.testing.assert_array_equal(cpu.labels, np.asanyarray(a.dataobj))
 
 
 @pytest.mark.gpu

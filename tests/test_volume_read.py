@@ -265,3 +265,17 @@ def test_uploader_on_cuda_matches_numpy():
     for dtype in DTYPES:
         a = np.asfortranarray(_random(rng, dtype, (1, 61, 47, 33)))
         np.testing.assert_array_equal(up.upload(a).cpu().numpy(), a.astype(np.float32))
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii"])
+def test_header_extensions_shift_the_voxels_and_are_kept(tmp_path, ext):
+    rng = np.random.default_rng(21)
+    data = _random(rng, np.int16, (7, 6, 5))
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"segrt test extension " * 7))
+    p = tmp_path / f"ext{ext}"
+    nib.save(img, str(p))
+    raw = read_nifti(p)
+    assert nib.load(str(p)).dataobj.offset > 352  # the voxels start after the extension
+    np.testing.assert_array_equal(raw.array[0], data)
+    assert [e.get_content() for e in raw.header.extensions] == [b"segrt test extension " * 7]

@@ -215,12 +215,14 @@ class Engine:
         uploaded as it is) and non-finite values are left to the device pipeline's own check."""
         if isinstance(source, Volume):
             vol = source
+        elif isinstance(source, RawImage):  # read_nifti's result: uploaded as stored, or MONAI's float32 here
+            vol = source if on_device else source.to_volume()
         elif isinstance(source, (str, os.PathLike)):
             vol = read_nifti(source) if on_device else load_nifti(source)
         elif isinstance(source, np.ndarray):
             vol = Volume.from_array(source, affine=affine)
         else:
-            raise VolumeError(f"segment() expects a file path, a segrt.Volume or a NumPy array, "
+            raise VolumeError(f"segment() expects a file path, a segrt.Volume, a segrt.RawImage or a NumPy array, "
                               f"got {type(source).__name__}")
         if vol.num_channels != self.spec.in_channels:
             raise VolumeError(f"the model takes {self.spec.in_channels} channel(s), the input has "
@@ -232,7 +234,8 @@ class Engine:
 
     def segment(self, source, affine=None, *, output: str | os.PathLike | None = None,
                 progress: bool | None = None, return_probabilities: bool = False) -> Segmentation:
-        """Segment a NIfTI path, a :class:`Volume` or an array (with ``affine``).
+        """Segment a NIfTI path, a :class:`Volume`, a :class:`RawImage` (:func:`segrt.read_nifti`) or an array (with
+        ``affine``).
 
         ``return_probabilities`` additionally keeps the stitched softmax probabilities on the preprocessed
         grid (C × volume: for tests and debugging only — it defeats the streaming memory bound).
