@@ -227,6 +227,34 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(a == b))
 
 
+def profile_segrt(artifact: Path, device, gpu_batch: int, accum: str, vol, out: Path) -> Path:
+    """One warm-up and one profiled ``engine.segment(vol)``; the kernels sorted by self device (or CPU) time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = load_engine(artifact, device, gpu_batch, accum)
+    eng.segment(vol, progress=False)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        eng.segment(vol, progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    eng.close()
+    avg = prof.key_averages()
+    table = None
+    for key in (("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()) + \
+            ("self_cpu_time_total",):
+        try:
+            table = avg.table(sort_by=key, row_limit=30)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"segrt in-memory run, gpu_batch {gpu_batch}, accum {accum}, device {device}\n{table}\n")
+    print(f"  profile written to {out}", flush=True)
+    return out
+
+
 # ---- main -------------------------------------------------------------------------------------------
 def _median(xs):
     return statistics.median(xs) if xs else None
@@ -262,6 +290,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cli", action="store_true", help="skip the cold 'segrt run' process")
     ap.add_argument("--work", type=Path, default=None, help="directory for the bundle copy, artifact and files "
                                                             "(default: a temporary one; reused when given)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="also profile one segrt in-memory run (torch.profiler; first --gpu-batch and --accum) and "
+                         "write the top kernels table to this file")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = ap.parse_args(argv)
@@ -410,6 +441,11 @@ def main(argv=None) -> int:
             eng = None
             if cuda:
                 torch.cuda.empty_cache()
+
+    # ---- where segrt's GPU time goes (kernel table) ----
+    if args.profile is not None:
+        result["segrt"]["profile"] = str(profile_segrt(artifact, device, args.gpu_batch[0], args.accum[0], vol,
+                                                       args.profile))
 
     # ---- segrt run, a fresh process ----
     if not args.no_cli:

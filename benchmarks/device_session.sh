@@ -4,6 +4,7 @@
 #   gpu_info.txt     card, driver, torch / triton / onnxruntime versions
 #   gpu_tests.log    the GPU-marked tests
 #   gpu_bench.json   benchmarks/bench_gpu.py on the wholeBody 1.5 mm phantom (+ .log)
+#   gpu_profile.txt  where one segrt run spends its GPU time (torch.profiler, top kernels)
 #   io.json          benchmarks/bench_io.py on the host's cores (ISA-L vs rapidgzip at 2..16 threads) (+ .log)
 # Budget: at most 150 + 320 + 90 s (one device call is limited to 600 s; BENCH_ARGS changes the cases).
 set -uo pipefail
@@ -19,7 +20,8 @@ timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -p no:cacheprovider -q -rs -m g
     tests/test_backends.py tests/test_gpu_pipeline.py tests/test_triton_kernels.py tests/test_engine_device.py \
     tests/test_volume_read.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 timeout "${BENCH_TIMEOUT:-320}" python3 benchmarks/bench_gpu.py --bundle .device/wholeBody_ct_segmentation \
-    --runs 2 --work /tmp/bench-gpu-work --out "$OUT/gpu_bench.json" ${BENCH_ARGS:---gpu-batch 4 8 16} \
+    --runs 2 --work /tmp/bench-gpu-work --out "$OUT/gpu_bench.json" --profile "$OUT/gpu_profile.txt" \
+    ${BENCH_ARGS:---gpu-batch 4 8 16} \
     2>&1 | grep -v -i warn | tee "$OUT/gpu_bench.log" | tail -45
 timeout "${IO_TIMEOUT:-90}" python3 benchmarks/bench_io.py --repeats 2 --out "$OUT/io.json" 2>&1 \
     | tee "$OUT/io.log" | tail -22

@@ -15,8 +15,10 @@ def test_bench_gpu_smoke(tmp_path):
     from benchmarks import bench_gpu
 
     out = tmp_path / "smoke.json"
+    prof = tmp_path / "profile.txt"
     assert bench_gpu.main(["--smoke", "--runs", "1", "--gpu-batch", "1", "3", "--no-cli", "--work",
-                           str(tmp_path / "w"), "--out", str(out)]) == 0
+                           str(tmp_path / "w"), "--out", str(out), "--profile", str(prof)]) == 0
+    assert "Self CPU" in prof.read_text()
     r = json.loads(out.read_text())
     assert r["config"]["device"] == "cpu" and r["config"]["gpu_batch"] == [1, 3]
     for scope in ("in_memory", "file"):
