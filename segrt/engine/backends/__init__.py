@@ -45,10 +45,6 @@ def _make(kind: str, artifact, variant, threads, gpu_batch: int | None = None):
         entry = artifact.model_entry("tensorrt")
         if variant == "fp32" and str(entry.get("precision", "")).startswith("fp16"):
             raise BackendUnavailable("the TensorRT plan is fp16 and variant='fp32' was asked for")
-        sw = artifact.spec.inference.sw_batch_size
-        if gpu_batch is not None and gpu_batch > sw:
-            raise BackendUnavailable(f"the TensorRT plan's optimisation profile stops at batch {sw} (fixed at "
-                                     f"export); gpu_batch={gpu_batch} needs a plan built for it")
         from segrt.engine.backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend.from_artifact(artifact, **({} if gpu_batch is None else {"max_batch": gpu_batch}))

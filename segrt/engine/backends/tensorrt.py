@@ -126,7 +126,12 @@ class TensorRTBackend(Backend):
                                      f"the target GPU with tensorrt=True / --tensorrt)")
         entry = artifact.model_entry("tensorrt")
         spec = artifact.spec
-        max_batch = kw.pop("max_batch", None) or spec.inference.sw_batch_size
+        profile_max = int(entry.get("max_batch", spec.inference.sw_batch_size))
+        asked = kw.pop("max_batch", None)  # gpu_batch: at most what the plan's profile was built for
+        if asked is not None and asked > profile_max:
+            raise BackendUnavailable(f"the TensorRT plan's optimisation profile stops at batch {profile_max} (fixed "
+                                     f"at export); gpu_batch={asked} needs a plan built for it")
+        max_batch = asked or spec.inference.sw_batch_size
         return cls(artifact.model_path("tensorrt", verify=False), entry, spec.in_channels, spec.num_classes,
                    spec.inference.roi_size, max_batch, **kw)
 
