@@ -134,7 +134,7 @@ def test_preprocess_matches_numpy(shape, spacing, perm, pixdim):
     # the whole chain, intensity included
     pipe = TorchPipeline(spec, PointwisePredictor(4), "cpu")
     pipe._raw = raw
-    x, rec2 = pipe._preprocess(vol)
+    x, rec2, _ = pipe._preprocess(vol)
     assert rec2.output_shape == rec.output_shape and rec2.oriented_shape == rec.oriented_shape
     np.testing.assert_allclose(x.numpy(), ref, rtol=0, atol=2e-6)
     assert np.all(vol.array == arr)  # the caller's array is untouched

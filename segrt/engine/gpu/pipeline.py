@@ -108,8 +108,9 @@ class TorchPipeline:
                               f"{volume.num_channels} (array shape {volume.array.shape})")
         return volume
 
-    def _preprocess(self, volume: Volume):
-        """Device preprocessing: ``(image (C, X', Y', Z') float32 device tensor, PreprocessRecord)``."""
+    def _preprocess(self, volume: Volume | RawImage, skip_rule=None):
+        """Device preprocessing: ``(image (C, X', Y', Z') float32 device tensor, PreprocessRecord, skip)`` with
+        ``skip`` the per-window flags of ``skip_rule`` (decided before the intensity ops), or None without one."""
         pre = self.spec.preprocessing
         raw = self._raw
         in_shape = tuple(int(s) for s in raw.shape[1:])
@@ -129,15 +130,15 @@ class TorchPipeline:
                 raise SpecError(f"spacing mode must be 'bilinear' or 'nearest', received {pre.spacing.mode!r}")
         else:
             x = img.materialize(copy=True)
-        self._maxima = None
-        if self.skip_rule is not None:  # on the resampled input, before the intensity transforms (as the CPU)
-            self._maxima = window_maxima(x, plan_windows(tuple(x.shape[1:]), self.spec.inference))
+        skip = None
+        if skip_rule is not None:  # on the resampled input, before the intensity transforms (as the CPU)
+            skip = window_maxima(x, plan_windows(tuple(x.shape[1:]), self.spec.inference)) < skip_rule.threshold
         x = gpp.apply_intensity(x, pre.intensity).contiguous()
         record = pp.PreprocessRecord(
             input_shape=in_shape, input_affine=np.asarray(volume.affine, dtype=np.float64), ornt=ornt,
             oriented_shape=or_shape, oriented_affine=or_affine, spacing=plan,
             output_shape=tuple(int(s) for s in x.shape[1:]), output_affine=affine)
-        return x, record
+        return x, record, skip
 
     def segment(self, volume: Volume | RawImage, return_probabilities: bool = False) -> PipelineResult:
         """Segment ``volume`` (a :class:`Volume`, or a :class:`RawImage` as stored in its file: uploaded in its own
@@ -158,15 +159,14 @@ class TorchPipeline:
                 with timer("preprocess"):
                     if vol.array.dtype.kind == "f" and not bool(torch.isfinite(self._raw).all()):
                         raise VolumeError("input holds NaN/Inf voxel(s); expected finite intensities")
-                    image, record = self._preprocess(vol)
+                    rule = self.skip_rule
+                    image, record, skip = self._preprocess(vol, rule)
             finally:
                 self._raw = None  # the upload is not needed any more
             res_shape = record.output_shape
             K = spec.num_classes
             post = spec.postprocessing
             tok = timer.start("stitch")
-            rule = self.skip_rule
-            skip = None if rule is None else self._maxima < rule.threshold
             n_skip = 0 if skip is None else int(skip.sum())
             stitcher = TorchStitcher(image, spec.inference, self.infer_torch, K, self.accum_dtype,
                                      batch_size=self.batch_size, skip=skip,
