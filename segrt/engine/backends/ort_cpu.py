@@ -9,7 +9,7 @@ import numpy as np
 from segrt.engine.backends.base import Backend
 from segrt.errors import BackendUnavailable, InferenceError
 
-__all__ = ["OrtCpuBackend", "physical_cores"]
+__all__ = ["OrtCpuBackend", "OrtSessionBackend", "physical_cores"]
 
 
 def physical_cores() -> int:
@@ -44,7 +44,35 @@ def physical_cores() -> int:
     return max(1, len(allowed))
 
 
-class OrtCpuBackend(Backend):
+class OrtSessionBackend(Backend):
+    """What the ONNX Runtime backends share once their ``session`` exists: the IO names, ``infer`` through
+    ``session.run`` (NumPy in, NumPy out) and ``close``."""
+
+    session = None
+
+    def _bind_io(self, model_path, input_name: str, output_name: str) -> None:
+        names = [i.name for i in self.session.get_inputs()]
+        if input_name not in names:
+            raise BackendUnavailable(f"{model_path}: no input named {input_name!r} (has {names})")
+        self.input_name = input_name
+        self.output_name = output_name
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        batch = self.check_batch(batch)
+        try:
+            (out,) = self.session.run([self.output_name], {self.input_name: batch})
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own untyped errors
+            raise InferenceError(f"{self.name}: ONNX Runtime failed on a batch of shape {batch.shape}: {exc}") from None
+        expected = (batch.shape[0], self.num_classes, *self.roi_size)
+        if out.shape != expected:
+            raise InferenceError(f"{self.name}: model output has shape {out.shape}, expected {expected}")
+        return out.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        self.session = None
+
+
+class OrtCpuBackend(OrtSessionBackend):
     name = "ort-cpu"
     device = "cpu"
     fresh_outputs = True  # infer() returns a new array per call: the stitcher may weight it in place
@@ -68,11 +96,7 @@ class OrtCpuBackend(Backend):
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise BackendUnavailable(f"ONNX Runtime could not load {model_path}: {exc}") from None
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        if input_name not in inputs:
-            raise BackendUnavailable(f"{model_path}: no input named {input_name!r} (has {list(inputs)})")
-        self.input_name = input_name
-        self.output_name = output_name
+        self._bind_io(model_path, input_name, output_name)
 
     @classmethod
     def from_artifact(cls, artifact, variant: str = "fp32", threads: int | None = None) -> "OrtCpuBackend":
@@ -82,17 +106,3 @@ class OrtCpuBackend(Backend):
                    spec.inference.roi_size, spec.inference.sw_batch_size,
                    input_name=entry.get("input_name", "input"), output_name=entry.get("output_name", "output"),
                    threads=threads)
-
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        batch = self.check_batch(batch)
-        try:
-            (out,) = self.session.run([self.output_name], {self.input_name: batch})
-        except Exception as exc:
-            raise InferenceError(f"{self.name}: ONNX Runtime failed on a batch of shape {batch.shape}: {exc}") from None
-        expected = (batch.shape[0], self.num_classes, *self.roi_size)
-        if out.shape != expected:
-            raise InferenceError(f"{self.name}: model output has shape {out.shape}, expected {expected}")
-        return out.astype(np.float32, copy=False)
-
-    def close(self) -> None:
-        self.session = None

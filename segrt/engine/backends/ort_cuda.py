@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from segrt.engine.backends.base import Backend
+from segrt.engine.backends.ort_cpu import OrtSessionBackend
 from segrt.errors import BackendUnavailable, InferenceError
 
 __all__ = ["OrtCudaBackend"]
@@ -24,7 +24,7 @@ __all__ = ["OrtCudaBackend"]
 CUDA_EP = "CUDAExecutionProvider"
 
 
-class OrtCudaBackend(Backend):
+class OrtCudaBackend(OrtSessionBackend):
     name = "ort-cuda"
 
     def __init__(self, model_path, in_channels, num_classes, roi_size, max_batch, input_name="input",
@@ -56,11 +56,7 @@ class OrtCudaBackend(Backend):
         if CUDA_EP not in self.session.get_providers():
             raise BackendUnavailable(f"ort-cuda: the {CUDA_EP} failed to start (CUDA or cuDNN libraries "
                                      f"missing or no GPU); the session fell back to {self.session.get_providers()}")
-        names = [i.name for i in self.session.get_inputs()]
-        if input_name not in names:
-            raise BackendUnavailable(f"{model_path}: no input named {input_name!r} (has {names})")
-        self.input_name = input_name
-        self.output_name = output_name
+        self._bind_io(model_path, input_name, output_name)
         self.model_path = str(model_path)
 
     @classmethod
@@ -75,17 +71,6 @@ class OrtCudaBackend(Backend):
                    spec.inference.roi_size, max_batch or spec.inference.sw_batch_size,
                    input_name=entry.get("input_name", "input"), output_name=entry.get("output_name", "output"),
                    device_id=device_id)
-
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        batch = self.check_batch(batch)
-        try:
-            (out,) = self.session.run([self.output_name], {self.input_name: batch})
-        except Exception as exc:  # noqa: BLE001
-            raise InferenceError(f"{self.name}: ONNX Runtime failed on a batch of shape {batch.shape}: {exc}") from None
-        expected = (batch.shape[0], self.num_classes, *self.roi_size)
-        if out.shape != expected:
-            raise InferenceError(f"{self.name}: model output has shape {out.shape}, expected {expected}")
-        return out.astype(np.float32, copy=False)
 
     def infer_torch(self, x):
         """(B, C, *roi) float32 CUDA tensor → (B, K, *roi) float32 CUDA tensor, through IO binding."""
@@ -110,6 +95,3 @@ class OrtCudaBackend(Backend):
             raise InferenceError(f"{self.name}: ONNX Runtime failed on a batch of shape {tuple(x.shape)}: "
                                  f"{exc}") from None
         return out
-
-    def close(self) -> None:
-        self.session = None
