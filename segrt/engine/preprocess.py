@@ -271,15 +271,20 @@ def normalize_intensity(x: np.ndarray, nonzero=False, channel_wise=False, subtra
     x = np.array(x, dtype=np.float32, copy=True)
     nonzero, channel_wise = _truthy(nonzero), _truthy(channel_wise)
     if channel_wise:
-        for name, v in (("subtrahend", subtrahend), ("divisor", divisor)):
-            if v is not None and len(v) != len(x):
-                raise SpecError(f"image has {len(x)} channels, but {name} has {len(v)} components")
-        for c in range(len(x)):
-            x[c] = _normalize_one(x[c], nonzero,
-                                  None if subtrahend is None else subtrahend[c],
-                                  None if divisor is None else divisor[c])
-        return x
+        return normalize_per_channel(x, _normalize_one, nonzero, subtrahend, divisor)
     return _normalize_one(x, nonzero, subtrahend, divisor).astype(np.float32, copy=False)
+
+
+def normalize_per_channel(x, normalize_one, nonzero, subtrahend, divisor):
+    """``NormalizeIntensity(channel_wise=True)``: ``normalize_one(channel, nonzero, sub, div)`` on each channel of
+    ``x`` (a NumPy array or a torch tensor, written in place) with that channel's subtrahend/divisor."""
+    for name, v in (("subtrahend", subtrahend), ("divisor", divisor)):
+        if v is not None and len(v) != len(x):
+            raise SpecError(f"image has {len(x)} channels, but {name} has {len(v)} components")
+    for c in range(len(x)):
+        x[c] = normalize_one(x[c], nonzero, None if subtrahend is None else subtrahend[c],
+                             None if divisor is None else divisor[c])
+    return x
 
 
 def _rescale(x: np.ndarray, minv, maxv) -> np.ndarray:

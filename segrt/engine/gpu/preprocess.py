@@ -400,13 +400,7 @@ def _normalize_one(x: torch.Tensor, nonzero: bool, sub, div) -> torch.Tensor:
 def normalize_intensity(x, nonzero=False, channel_wise=False, subtrahend=None, divisor=None):
     nonzero, channel_wise = bool(nonzero), bool(channel_wise)
     if channel_wise:
-        for name, v in (("subtrahend", subtrahend), ("divisor", divisor)):
-            if v is not None and len(v) != len(x):
-                raise SpecError(f"image has {len(x)} channels, but {name} has {len(v)} components")
-        for c in range(len(x)):
-            x[c] = _normalize_one(x[c], nonzero, None if subtrahend is None else subtrahend[c],
-                                  None if divisor is None else divisor[c])
-        return x
+        return pp.normalize_per_channel(x, _normalize_one, nonzero, subtrahend, divisor)
     return _normalize_one(x, nonzero, subtrahend, divisor)
 
 
