@@ -163,11 +163,11 @@ def build_network(parser, device, ckpt: Path):
     return net.to(device).eval()
 
 
-def write_ct(path: Path, image: np.ndarray, affine: np.ndarray) -> Path:
-    """The phantom as a CT file: int16 HU (what scanners export), sform = qform = affine."""
+def write_ct(path: Path, ct: np.ndarray, affine: np.ndarray) -> Path:
+    """The phantom as a CT file: int16 HU ``ct`` (what scanners export), sform = qform = affine."""
     import nibabel as nib
 
-    img = nib.Nifti1Image(np.asarray(np.round(image), dtype=np.int16), affine)
+    img = nib.Nifti1Image(ct, affine)
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
     nib.save(img, str(path))
@@ -333,10 +333,12 @@ def main(argv=None) -> int:
     net = build_network(parser, device, ckpt)
     n_params = sum(p.numel() for p in net.parameters())
     image, affine = ct_phantom(shape, spacing, args.seed)
-    image = np.round(image).astype(np.int16).astype(np.float32)  # the values the int16 file holds
+    ct16 = np.round(image).astype(np.int16)
+    image = ct16.astype(np.float32)  # in memory, the values the int16 file holds
     vol = Volume.from_array(image, affine=affine)
     t0 = time.perf_counter()
-    ct_path = write_ct(work / "ct.nii.gz", image, affine)
+    ct_path = write_ct(work / "ct.nii.gz", ct16, affine)
+    del ct16
     print(f"bench_gpu: {bundle.name}, {n_params / 1e6:.1f} M params, input {shape} at {spacing} mm, "
           f"{ct_path.stat().st_size / 2**20:.0f} MiB .nii.gz (written in {time.perf_counter() - t0:.1f} s), "
           f"bundle copy + export {export_s:.1f} s, device {device}", flush=True)
