@@ -20,6 +20,7 @@ from segrt.errors import (
     ExportError,
     GateFailed,
     InferenceError,
+    OutputError,
     SegrtError,
     SpecError,
     UnsupportedTransform,
@@ -49,6 +50,7 @@ __all__ = [
     "BackendUnavailable",
     "InferenceError",
     "BudgetError",
+    "OutputError",
 ]
 
 

@@ -13,7 +13,9 @@ these, with a message that says what was expected and what was received.
     │   └── GateFailed     an exported model disagrees with its reference beyond the thresholds
     ├── BackendUnavailable the requested runtime backend cannot run here
     ├── InferenceError     the backend rejected an input (e.g. wrong ONNX input shape)
-    └── BudgetError        a declared memory budget cannot be met
+    ├── BudgetError        a declared memory budget cannot be met
+    └── OutputError        an output that cannot or must not be written (an input, a missing or read-only
+                           directory, an unknown extension, a name too long, no free space) - checked before work
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ __all__ = [
     "BackendUnavailable",
     "InferenceError",
     "BudgetError",
+    "OutputError",
 ]
 
 
@@ -74,3 +77,7 @@ class InferenceError(SegrtError):
 
 class BudgetError(SegrtError):
     """A declared memory budget cannot be met by any plan."""
+
+
+class OutputError(SegrtError):
+    """An output path that cannot or must not be written; raised before any work is done."""
