@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from segrt.engine import preprocess as P
+from segrt.kernels import reference as K
 from segrt.errors import SpecError
 from segrt.spec import IntensityOp, Preprocessing, SpacingSpec
 from segrt.volume import Volume
@@ -18,6 +19,12 @@ torch.set_num_threads(1)
 
 from monai.data import MetaTensor  # noqa: E402
 from monai import transforms as T  # noqa: E402
+from parity_util import affine_grid_replicated, coordinate_bound, matmul_bound, torch_arithmetic  # noqa: E402,E501
+
+# MONAI records affines with torch's float64 4x4 matmul and resamples through affine_grid: segrt's replica is bit
+# for bit where torch rounds those products sequentially; where torch uses FMA (MKL on Intel AVX2/AVX-512,
+# aarch64) the tests assert the ulp bound instead (parity_util.torch_arithmetic; test_resample re-runs them
+# under MKL's reproducible mode, where they are bit-exact).
 
 
 def _mt(x, affine):
@@ -46,7 +53,11 @@ def test_orientation_matches_orientationd(name):
     ref = _run(T.Orientationd("image", axcodes="RAS"), x, AFFINES[name])
     out, aff, ornt = P.orient(x, AFFINES[name], "RAS")
     assert np.array_equal(out, ref.numpy())
-    assert np.array_equal(aff, ref.affine.numpy())
+    if torch_arithmetic()["mm"]:
+        assert np.array_equal(aff, ref.affine.numpy())
+    else:  # affine · (flip/permutation with n-1 translations): one 4x4 product, FMA or not
+        xform = np.round(np.linalg.solve(AFFINES[name], ref.affine.numpy()))
+        assert np.all(np.abs(aff - ref.affine.numpy()) <= matmul_bound(AFFINES[name], xform))
     back = np.stack([P.unorient_labels(c, ornt, x.shape[1:]) for c in out])
     assert np.array_equal(back, x)
 
@@ -258,12 +269,27 @@ def test_wholebody_chain_on_int16_ct_keeps_monai_zero_mask(tmp_path, shape, spac
 
     zeros_ref = spaced == 0
     mism = int(np.sum((ours_spaced == 0) != zeros_ref))
-    diff = float(np.abs(out - ref).max())
+    grid = K.SourceGrid(plan.M, a.shape[1:], plan.out_shape)
+    exact = affine_grid_replicated(grid.theta_diagonal)
+    if exact:
+        near0 = np.zeros(spaced.shape[1:], bool)
+    else:
+        # torch's affine_grid uses FMA here: its coordinates are within coordinate_bound of segrt's, which moves
+        # a bilinear value by ≤ 2 max|x| per voxel; only voxels that close to 0 may differ in being exactly 0
+        tol = 2 * float(np.abs(a).max()) * coordinate_bound(grid.theta, plan.out_shape, a.shape[1:]).sum()
+        near0 = np.maximum(np.abs(ours_spaced[0]), np.abs(spaced[0])) <= tol
+        mism = int(np.sum(((ours_spaced == 0) != zeros_ref) & ~near0[None]))
+    diff = float(np.abs(out - ref)[:, ~near0].max())
     print(f"[int16 chain {shape}@{spacing}->{pixdim} rot={rotated}] exact zeros={int(zeros_ref.sum())} "
           f"({100 * zeros_ref.mean():.1f}%) mask mismatches={mism} spacing bit-exact="
           f"{100 * np.mean(ours_spaced == spaced):.3f}% final max|d|={diff:.3g}")
     assert zeros_ref.sum() >= 50  # the case must exercise the mask
     assert mism == 0
-    assert np.array_equal(out == 0, ref == 0)
+    assert np.all(((out == 0) == (ref == 0)) | near0)
     assert diff <= 1e-5
-    np.testing.assert_array_equal(rec.output_affine, d["image"].affine.numpy())
+    if torch_arithmetic()["mm"]:
+        np.testing.assert_array_equal(rec.output_affine, d["image"].affine.numpy())
+    else:  # two 4x4 products (orientation, then spacing): the first one's error propagates through the second
+        xform = np.round(np.linalg.solve(vol.affine, aff_or))
+        bound = matmul_bound(aff_or, plan.M) + matmul_bound(vol.affine, xform) @ np.abs(plan.M) * (1 + 1e-15)
+        assert np.all(np.abs(rec.output_affine - d["image"].affine.numpy()) <= bound)
