@@ -42,12 +42,21 @@ JSON schema (all keys shown; ``null`` where optional)::
       }
     }
 
+``Spec.from_dict`` is strict: an unknown key anywhere (a typo such as ``"overlaps"`` or ``"class_name"``) and
+a value of the wrong type (``"softmax": "false"``: a string, not the boolean ``false``; ``NaN``; a fractional
+``roi_size``) are refused with a :class:`~segrt.errors.SpecError` that names the key, where it is
+(``spec.inference``) and the nearest valid key. ``from_dict(spec.to_dict()) == spec`` for every spec.
+
 All semantics follow MONAI 1.6.1 exactly (see ``../shared/MONAI_NOTES.md`` in the project's workspace).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -80,6 +89,51 @@ _REQUIRED = {
     "scale_intensity_range_percentiles": ("lower", "upper"),
     "shift_intensity": ("offset",),
 }
+# The type of each intensity parameter: flags are JSON booleans; subtrahend/divisor a number or a (per-channel)
+# list of numbers; every other parameter a number. All but the required ones may be null.
+_BOOL_PARAMS = frozenset({"nonzero", "channel_wise", "clip", "relative"})
+_ARRAY_PARAMS = frozenset({"subtrahend", "divisor"})
+
+
+# ---- validation helpers (JSON form) -----------------------------------------------------------
+#
+# ``where`` is the dotted location of a value in the spec (``spec.inference.overlap``); every message names it,
+# what was expected and what was found.
+
+def _describe(value) -> str:
+    """``value`` as a message shows it: its JSON kind and (shortened) content."""
+    def short(v):
+        r = repr(v)
+        return r if len(r) <= 60 else r[:57] + "..."
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {short(value)}"
+    if isinstance(value, numbers.Real):
+        return f"the number {short(value)}"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} item{'s' if len(value) != 1 else ''} {short(list(value))}"
+    if isinstance(value, dict):
+        return f"an object with keys {short(list(value))}"
+    return f"a {type(value).__name__} {short(value)}"
+
+
+def _did_you_mean(word, options) -> str:
+    """``"; did you mean 'x'?"`` for the option nearest to ``word``, or ``""``."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _check_keys(d: dict, valid, where: str) -> None:
+    """The one check for unknown keys: each key of ``d`` must be one of ``valid``."""
+    valid = tuple(valid)
+    for key in d:
+        if key not in valid:
+            raise SpecError(f"unknown key {key!r} in {where}{_did_you_mean(key, valid)} "
+                            f"(valid keys: {', '.join(valid)})")
 
 
 def _need(d: dict, key: str, where: str):
@@ -88,17 +142,88 @@ def _need(d: dict, key: str, where: str):
     return d[key]
 
 
-def _triple(value, where: str, cast=float) -> tuple:
-    if isinstance(value, (int, float)):
-        return (cast(value),) * 3
-    try:
-        vals = tuple(cast(v) for v in value)
-    except (TypeError, ValueError):
-        raise SpecError(f"{where}: expected a number or a list of 3 numbers, got {value!r}") from None
-    if len(vals) != 3:
-        raise SpecError(f"{where}: expected 3 values (one per spatial axis), got {len(vals)}: {value!r}")
-    return vals
+def _object(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}: expected an object (a JSON {{...}}), got {_describe(value)}")
+    return value
 
+
+def _bool(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(f"{where}: expected true or false (a JSON boolean), got {_describe(value)}")
+    return value
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(value, where: str, ok=None, what: str = "a finite number") -> float:
+    """A finite real number (not a boolean, not a string) for which ``ok(value)`` holds."""
+    if not _is_real(value) or (ok is not None and not ok(value)):
+        raise SpecError(f"{where}: expected {what}, got {_describe(value)}")
+    return value
+
+
+def _integer(value, where: str, minimum: int = 1) -> int:
+    """An integer >= ``minimum``; an integral float (``96.0``) is taken as that integer."""
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    if not _is_real(value) or value != int(value) or value < minimum:
+        raise SpecError(f"{where}: expected {what}, got {_describe(value)}")
+    return int(value)
+
+
+def _choice(value, where: str, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        hint = _did_you_mean(value, choices) if isinstance(value, str) else ""
+        raise SpecError(f"{where}: expected one of {', '.join(map(repr, choices))}, got {_describe(value)}{hint}")
+    return value
+
+
+def _numbers(value, where: str):
+    """A number or a (nested) list of numbers, e.g. a per-channel subtrahend."""
+    if isinstance(value, (list, tuple)) and value:
+        return [_numbers(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return _number(value, where, what="a finite number or a list of them")
+
+
+def _triple(value, where: str, cast=float, ok=None, what: str | None = None) -> tuple:
+    """One value per spatial axis: a number (for all three) or a list of 3 numbers.
+
+    ``cast=int`` asks for positive integers (an integral float counts); otherwise ``ok``/``what`` narrow the
+    accepted finite numbers, e.g. ``ok=lambda v: v > 0, what="a number > 0"``.
+    """
+    def one(v, w):
+        if cast is int:
+            return _integer(v, w)
+        return float(_number(v, w, ok, what or "a finite number"))
+
+    if not isinstance(value, (str, bytes, dict)) and hasattr(value, "__len__") and hasattr(value, "__getitem__"):
+        value = list(value)  # a list, a tuple, or a NumPy array from the Python API
+        if len(value) != 3:
+            raise SpecError(f"{where}: expected 3 values (one per spatial axis), got {_describe(value)}")
+        return tuple(one(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if not _is_real(value):
+        kind = "a positive integer" if cast is int else (what or "a number")
+        raise SpecError(f"{where}: expected {kind} or a list of 3 of them, got {_describe(value)}")
+    return (one(value, where),) * 3
+
+
+def _check_axcodes(ax, where: str) -> None:
+    if (not isinstance(ax, str) or len(ax) != 3
+            or sorted(_AXIS_OF.get(c, "?") for c in ax) != ["AP", "LR", "SI"]):
+        raise SpecError(f"{where}: expected 3 axcodes like 'RAS' (one of L/R, one of A/P and one of S/I, "
+                        f"upper case), got {_describe(ax)}")
+
+
+_AXIS_OF = {"L": "LR", "R": "LR", "A": "AP", "P": "AP", "S": "SI", "I": "SI"}
+
+
+def _field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+# ---- the spec ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class IntensityOp:
@@ -108,20 +233,39 @@ class IntensityOp:
     params: dict
 
     @classmethod
-    def from_dict(cls, d: dict) -> "IntensityOp":
-        if not isinstance(d, dict) or "op" not in d:
-            raise SpecError(f"intensity op must be an object with an 'op' key, got {d!r}")
-        op = d["op"]
-        if op not in INTENSITY_OPS:
-            raise SpecError(f"unknown intensity op {op!r}; expected one of {sorted(INTENSITY_OPS)}")
-        unknown = set(d) - set(INTENSITY_OPS[op]) - {"op"}
-        if unknown:
-            raise SpecError(f"intensity op {op!r}: unknown parameter(s) {sorted(unknown)}")
+    def from_dict(cls, d: dict, where: str = "intensity op", *, strict: bool = False) -> "IntensityOp":
+        """Parse ``{"op": ..., **params}``. Unknown parameters are always refused (with the nearest valid one).
+
+        ``strict`` (the JSON form, :meth:`Spec.from_dict`) also checks each value's type: flags are JSON
+        booleans, every other parameter a finite number (subtrahend / divisor: or a list of them), null where
+        optional. Without it values are kept as given, e.g. a MONAI config's string ``"True"`` for a flag, which
+        the engine tests for truth as MONAI does.
+        """
+        _object(d, where)
+        op = _choice(_need(d, "op", where), f"{where}.op", tuple(INTENSITY_OPS))
+        _check_keys(d, ("op", *INTENSITY_OPS[op]), f"{where} ({op})")
+        required = _REQUIRED.get(op, ())
         params = dict(INTENSITY_OPS[op])
-        params.update({k: v for k, v in d.items() if k != "op"})
-        for key in _REQUIRED.get(op, ()):
+        for key, value in d.items():
+            if key == "op":
+                continue
+            w = f"{where}.{key}"
+            if not strict or (value is None and key not in required and key not in _BOOL_PARAMS):
+                params[key] = value
+            elif key in _BOOL_PARAMS:
+                params[key] = _bool(value, w)
+            elif key in _ARRAY_PARAMS:
+                params[key] = _numbers(value, w)
+            else:
+                params[key] = _number(value, w)
+        for key in required:
             if params.get(key) is None:
-                raise SpecError(f"intensity op {op!r}: parameter {key!r} is required")
+                raise SpecError(f"{where} ({op}): parameter {key!r} is required (a number)")
+        if strict and op == "scale_intensity_range_percentiles":
+            lo, hi = params["lower"], params["upper"]
+            if not 0 <= lo <= hi <= 100:
+                raise SpecError(f"{where} ({op}): expected 0 <= lower <= upper <= 100, got lower={lo!r}, "
+                                f"upper={hi!r}")
         return cls(op, params)
 
     def to_dict(self) -> dict:
@@ -146,11 +290,7 @@ class Preprocessing:
 
     def __post_init__(self):
         if self.orientation is not None:
-            ax = self.orientation
-            if (not isinstance(ax, str) or len(ax) != 3
-                    or sorted(c for c in ax.upper() if c in "LR") == []
-                    or set(ax.upper()) - set("LRAPSI")):
-                raise SpecError(f"orientation must be 3 axcodes like 'RAS', got {ax!r}")
+            _check_axcodes(self.orientation, "orientation")
 
 
 SKIP_KINDS = ("max_below",)
@@ -180,16 +320,16 @@ class SkipRule:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d) -> "SkipRule":
+    def from_dict(cls, d, where: str = "skip_rule") -> "SkipRule":
         if not isinstance(d, dict):
-            raise SpecError(f"skip_rule must be an object like {{'kind': 'max_below', 'threshold': -500}}, got {d!r}")
-        unknown = set(d) - {"kind", "threshold", "background_class", "margin"}
-        if unknown:
-            raise SpecError(f"skip_rule: unknown key(s) {sorted(unknown)}")
-        if "threshold" not in d:
-            raise SpecError("skip_rule: missing required key 'threshold'")
-        return cls(kind=str(d.get("kind", "max_below")), threshold=float(d["threshold"]),
-                   background_class=int(d.get("background_class", 0)), margin=float(d.get("margin", 10.0)))
+            raise SpecError(f"{where}: expected an object like {{'kind': 'max_below', 'threshold': -500}}, "
+                            f"got {_describe(d)}")
+        _check_keys(d, _field_names(cls), where)
+        return cls(kind=_choice(d.get("kind", "max_below"), f"{where}.kind", SKIP_KINDS),
+                   threshold=float(_number(_need(d, "threshold", where), f"{where}.threshold")),
+                   background_class=_integer(d.get("background_class", 0), f"{where}.background_class", 0),
+                   margin=float(_number(d.get("margin", 10.0), f"{where}.margin", lambda v: v > 0,
+                                        "a number > 0")))
 
 
 @dataclass(frozen=True)
@@ -223,6 +363,42 @@ class InferenceSpec:
         if self.skip_rule is not None and not isinstance(self.skip_rule, SkipRule):
             raise SpecError(f"skip_rule must be a SkipRule, got {type(self.skip_rule).__name__}")
 
+    @classmethod
+    def from_dict(cls, d, where: str = "inference") -> "InferenceSpec":
+        _object(d, where)
+        _check_keys(d, _field_names(cls), where)
+        roi = _triple(_need(d, "roi_size", where), f"{where}.roi_size", int)
+        prof = d.get("importance_profiles")
+        if prof is not None:
+            w = f"{where}.importance_profiles"
+            if not isinstance(prof, (list, tuple)) or len(prof) != 3:
+                raise SpecError(f"{w}: expected null or 3 lists (one per axis) of roi_size length, "
+                                f"got {_describe(prof)}")
+            for axis, (p, r) in enumerate(zip(prof, roi)):
+                if not isinstance(p, (list, tuple)) or len(p) != r:
+                    raise SpecError(f"{w}[{axis}]: expected a list of {r} numbers (roi_size[{axis}]), "
+                                    f"got {_describe(p)}")
+                for i, v in enumerate(p):
+                    # >= 0, not > 0: a float32 Gaussian of a tiny sigma_scale underflows to 0 at the window
+                    # border (the runtime clamps the 3-D map, as MONAI does)
+                    _number(v, f"{w}[{axis}][{i}]", lambda x: x >= 0, "a finite number >= 0")
+            prof = tuple(tuple(float(v) for v in p) for p in prof)
+        skip = d.get("skip_rule")
+        return cls(
+            roi_size=roi,
+            sw_batch_size=_integer(d.get("sw_batch_size", 1), f"{where}.sw_batch_size"),
+            overlap=_triple(d.get("overlap", 0.25), f"{where}.overlap", ok=lambda v: 0 <= v < 1,
+                            what="a number in [0, 1)"),
+            blend_mode=_choice(d.get("blend_mode", "constant"), f"{where}.blend_mode", ("constant", "gaussian")),
+            sigma_scale=_triple(d.get("sigma_scale", 0.125), f"{where}.sigma_scale", ok=lambda v: v > 0,
+                                what="a number > 0"),
+            padding_mode=_choice(d.get("padding_mode", "constant"), f"{where}.padding_mode",
+                                 ("constant", "replicate")),
+            cval=float(_number(d.get("cval", 0.0), f"{where}.cval")),
+            importance_profiles=prof,
+            skip_rule=None if skip is None else SkipRule.from_dict(skip, f"{where}.skip_rule"),
+        )
+
 
 @dataclass(frozen=True)
 class Postprocessing:
@@ -236,6 +412,65 @@ class Postprocessing:
                             f"got {self.order!r}")
         if self.invert_interp not in ("nearest", "bilinear"):
             raise SpecError(f"invert_interp must be 'nearest' or 'bilinear', got {self.invert_interp!r}")
+
+    @classmethod
+    def from_dict(cls, d, where: str = "postprocessing") -> "Postprocessing":
+        _object(d, where)
+        _check_keys(d, _field_names(cls), where)
+        return cls(
+            softmax=_bool(d.get("softmax", True), f"{where}.softmax"),
+            order=_choice(d.get("order", "argmax_then_invert"), f"{where}.order",
+                          ("argmax_then_invert", "invert_then_argmax")),
+            invert_interp=_choice(d.get("invert_interp", "nearest"), f"{where}.invert_interp",
+                                  ("nearest", "bilinear")),
+        )
+
+
+def _preprocessing_from_dict(d, where: str) -> Preprocessing:
+    _object(d, where)
+    _check_keys(d, _field_names(Preprocessing), where)
+    ax = d.get("orientation")
+    if ax is not None:
+        _check_axcodes(ax, f"{where}.orientation")
+    sp = d.get("spacing")
+    if sp is not None:
+        w = f"{where}.spacing"
+        _object(sp, w)
+        _check_keys(sp, _field_names(SpacingSpec), w)
+        sp = SpacingSpec(_triple(_need(sp, "pixdim", w), f"{w}.pixdim", ok=lambda v: v > 0, what="a number > 0"),
+                         _choice(sp.get("mode", "bilinear"), f"{w}.mode", ("bilinear", "nearest")))
+    ops = d.get("intensity", [])
+    if not isinstance(ops, (list, tuple)):
+        raise SpecError(f"{where}.intensity: expected a list of intensity ops, got {_describe(ops)}")
+    return Preprocessing(
+        orientation=ax, spacing=sp,
+        intensity=tuple(IntensityOp.from_dict(o, f"{where}.intensity[{i}]", strict=True)
+                        for i, o in enumerate(ops)))
+
+
+_LABEL = re.compile(r"[+-]?[0-9]+")
+
+
+def _class_names_from_dict(d, num_classes: int, where: str) -> dict[int, str]:
+    _object(d, where)
+    names: dict[int, str] = {}
+    for key, name in d.items():
+        if isinstance(key, int) and not isinstance(key, bool):
+            label = key
+        elif isinstance(key, str) and _LABEL.fullmatch(key):
+            label = int(key)
+        else:
+            raise SpecError(f"{where}: key {key!r} is not a label number (expected an integer from 0 to "
+                            f"{num_classes - 1} as a string, like \"1\")")
+        if not 0 <= label < num_classes:
+            raise SpecError(f"{where}: label {key!r} is not a class of this model (expected 0 to "
+                            f"{num_classes - 1}: num_classes is {num_classes})")
+        if label in names:
+            raise SpecError(f"{where}: label {label} is named twice")
+        if not isinstance(name, str):
+            raise SpecError(f"{where}.{key}: expected a class name (a string), got {_describe(name)}")
+        names[label] = name
+    return names
 
 
 @dataclass(frozen=True)
@@ -295,44 +530,24 @@ class Spec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Spec":
+        """Parse the JSON form. Strict: an unknown key anywhere (a typo such as ``overlaps``) or a value of the
+        wrong type (``"softmax": "false"``, a string, is not the boolean ``false``) is a :class:`SpecError`
+        naming the key and where it is, with the nearest valid key as a suggestion."""
+        where = "spec"
         if not isinstance(d, dict):
-            raise SpecError(f"spec must be a JSON object, got {type(d).__name__}")
+            raise SpecError(f"spec must be a JSON object, got {_describe(d)}")
         try:
-            pre_d = _need(d, "preprocessing", "spec")
-            inf_d = _need(d, "inference", "spec")
-            post_d = d.get("postprocessing") or {}
-            sp = pre_d.get("spacing")
-            pre = Preprocessing(
-                orientation=pre_d.get("orientation"),
-                spacing=None if sp is None else SpacingSpec(
-                    _triple(_need(sp, "pixdim", "spacing"), "spacing.pixdim"), sp.get("mode", "bilinear")),
-                intensity=tuple(IntensityOp.from_dict(o) for o in pre_d.get("intensity", [])),
-            )
-            prof = inf_d.get("importance_profiles")
-            inf = InferenceSpec(
-                roi_size=_triple(_need(inf_d, "roi_size", "inference"), "inference.roi_size", int),
-                sw_batch_size=int(inf_d.get("sw_batch_size", 1)),
-                overlap=_triple(inf_d.get("overlap", 0.25), "inference.overlap"),
-                blend_mode=inf_d.get("blend_mode", "constant"),
-                sigma_scale=_triple(inf_d.get("sigma_scale", 0.125), "inference.sigma_scale"),
-                padding_mode=inf_d.get("padding_mode", "constant"),
-                cval=float(inf_d.get("cval", 0.0)),
-                importance_profiles=None if prof is None else tuple(tuple(float(v) for v in p) for p in prof),
-                skip_rule=None if inf_d.get("skip_rule") is None else SkipRule.from_dict(inf_d["skip_rule"]),
-            )
-            unknown_post = set(post_d) - {"softmax", "order", "invert_interp"}
-            if unknown_post:
-                raise SpecError(f"postprocessing: unknown key(s) {sorted(unknown_post)}")
-            post = Postprocessing(**post_d)
-            names = {int(k): str(v) for k, v in (d.get("class_names") or {}).items()}
-            return cls(
-                in_channels=int(d.get("in_channels", 1)),
-                num_classes=int(_need(d, "num_classes", "spec")),
-                preprocessing=pre,
-                inference=inf,
-                postprocessing=post,
-                class_names=names,
-            )
+            _check_keys(d, _field_names(cls), where)
+            num_classes = _integer(_need(d, "num_classes", where), f"{where}.num_classes")
+            in_channels = _integer(d.get("in_channels", 1), f"{where}.in_channels")
+            pre = _preprocessing_from_dict(_need(d, "preprocessing", where), f"{where}.preprocessing")
+            inf = InferenceSpec.from_dict(_need(d, "inference", where), f"{where}.inference")
+            post_d = d.get("postprocessing")
+            post = Postprocessing() if post_d is None else Postprocessing.from_dict(post_d, f"{where}.postprocessing")
+            names_d = d.get("class_names")
+            names = {} if names_d is None else _class_names_from_dict(names_d, num_classes, f"{where}.class_names")
+            return cls(in_channels=in_channels, num_classes=num_classes, preprocessing=pre, inference=inf,
+                       postprocessing=post, class_names=names)
         except SpecError:
             raise
         except (TypeError, ValueError, KeyError, AttributeError) as exc:

@@ -88,8 +88,30 @@ def load_parser(bundle_dir, overrides: dict | None = None):
     for key, value in (overrides or {}).items():
         if not isinstance(key, str):
             raise ExportError(f"override keys must be config ids (str), got {key!r}")
+        if not _has(parser, key):  # a typo would otherwise add a new key that nothing reads
+            raise ExportError(_unknown_override(parser, key))
         parser[key] = value
     return parser
+
+
+def _config_ids(config, prefix: str = ""):
+    """Every id of a (nested) bundle config: dict keys and list indices joined with ``#``."""
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
+    for k, v in items:
+        id_ = f"{prefix}#{k}" if prefix else str(k)
+        yield id_
+        yield from _config_ids(v, id_)
+
+
+def _unknown_override(parser, key: str) -> str:
+    import difflib
+
+    sep = "::" if "::" in key and "#" not in key else "#"
+    ids = [i.replace("#", sep) for i in _config_ids(parser.get())]
+    close = difflib.get_close_matches(key, ids, n=1)
+    hint = (f"; did you mean {close[0]!r}?" if close else
+            " (an override replaces an existing key: nested keys joined with '#', e.g. 'inferer#roi_size')")
+    return f"override {key!r} matches no key of the bundle config{hint}"
 
 
 def _has(parser, id_: str) -> bool:
