@@ -24,6 +24,7 @@ from segrt.errors import (
     SegrtError,
     SpecError,
     UnsupportedTransform,
+    UsageError,
     VolumeError,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "InferenceError",
     "BudgetError",
     "OutputError",
+    "UsageError",
 ]
 
 

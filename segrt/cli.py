@@ -61,11 +61,25 @@ def _positive_int(text: str) -> int:
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with segrt's error contract: one line ``segrt: error: ...`` and exit status 2 (no usage dump)."""
+
+    def error(self, message):
+        cmd = self.prog.split()[1] if " " in self.prog else None
+        hint = f" (see 'segrt {cmd} --help')" if cmd else " (see 'segrt --help')"
+        self.exit(EXIT_ERROR, f"segrt: error: {message}{hint}\n")
+
+
+def _add_verbose(parser, default) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="log what segrt decides (backend, threads, ...); on an error, also the traceback")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="segrt", description="Lean inference engine for MONAI 3D segmentation bundles.")
+    p = _Parser(prog="segrt", description="Lean inference engine for MONAI 3D segmentation bundles.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what segrt decides (backend, threads, ...)")
-    sub = p.add_subparsers(dest="command")
+    _add_verbose(p, False)
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     e = sub.add_parser("export", help="export a MONAI bundle / TorchScript / ONNX model to an artifact")
     e.add_argument("source", help="MONAI bundle directory, TorchScript file, or ONNX file (the latter two need --spec)")
@@ -96,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to run (default: auto = TensorRT → ORT-CUDA → torch-CUDA → ORT-CPU)")
     r.add_argument("--variant", default=None, choices=["fp32", "fp16", "openvino-bf16"],
                    help="model precision (default: fp16 on a GPU when the artifact has it, fp32 on the CPU)")
-    r.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    r.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads (default: physical cores; more than the CPUs usable are reduced to that, "
+                        "with a warning)")
+    r.add_argument("--trust-torch-program", action="store_true",
+                   help="allow the torch-CUDA backend to load the artifact's torch program (torch.export / "
+                        "TorchScript unpickle and can run code): only for artifacts you made or trust")
     r.add_argument("--overlap", type=_overlap, default=None, metavar="X",
                    help="replace the artifact's sliding-window overlap (0 <= X < 1, or X,Y,Z): fewer windows, "
                         "results differ from the exported pipeline; recorded in the output header and metadata")
@@ -124,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--spacing", type=_triple, default=(0.9, 0.9, 2.5), help="phantom voxel spacing in mm")
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--quiet", action="store_true")
+    for parser in (e, r, i, d):  # -v is accepted after the subcommand too
+        _add_verbose(parser, argparse.SUPPRESS)
     return p
 
 
@@ -167,11 +188,13 @@ def cmd_export(a) -> int:
 
 
 def cmd_run(a) -> int:
-    from segrt.engine.engine import Engine
+    from segrt.engine.engine import Engine, check_run_output
 
+    check_run_output(a.output, a.input, a.artifact)  # before the model is loaded: fails in well under a second
     with Engine.load(a.artifact, device=a.device, variant=a.variant, threads=a.threads,
                      overlap=a.overlap, skip_empty=not a.no_skip, max_memory=a.max_memory,
-                     accum_dtype=a.accum_dtype, gpu_batch=a.gpu_batch) as eng:
+                     accum_dtype=a.accum_dtype, gpu_batch=a.gpu_batch,
+                     trust_torch_program=a.trust_torch_program) as eng:
         seg = eng.segment(a.input, output=a.output, progress=None if not a.quiet else False)
         seg.timings["load"] += getattr(eng, "load_seconds", 0.0)
     if a.json:
@@ -259,10 +282,43 @@ def cmd_demo(a) -> int:
 
 COMMANDS = {"export": cmd_export, "run": cmd_run, "info": cmd_info, "demo": cmd_demo}
 
+#: packages of the optional extras, and the extra that brings each
+_EXTRA_OF = {"torch": "export", "monai": "export", "onnx": "export", "onnxscript": "export", "einops": "export",
+             "openvino": "cpu", "triton": "gpu", "tensorrt": "tensorrt", "matplotlib": "bench"}
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line the CLI prints for ``exc`` (without the ``segrt: error:`` prefix): segrt's own errors as they
+    are; what a library or the system raised, translated into what was wrong and what to do."""
+    if isinstance(exc, SegrtError):
+        return " ".join(str(exc).split("\n"))
+    if isinstance(exc, ModuleNotFoundError):
+        top = (exc.name or "").split(".")[0]
+        extra = _EXTRA_OF.get(top)
+        if extra:
+            return (f"this command needs {top!r}, which is not installed: install segrt's [{extra}] extra "
+                    f"(pip install 'segrt[{extra}]')")
+        return f"a required module is missing: {exc.name!r} ({exc}); reinstall segrt"
+    if isinstance(exc, MemoryError):
+        return "out of memory: the input needs more RAM than this machine has free (try --max-memory, or a machine " \
+               "with more memory)"
+    if isinstance(exc, OSError):
+        where = f" {exc.filename!r}" if getattr(exc, "filename", None) else ""
+        return f"{exc.strerror or type(exc).__name__}{where}"
+    if isinstance(exc, RecursionError):
+        return "input nested too deeply (recursion limit reached)"
+    msg = " ".join(str(exc).split())[:300]
+    return f"unexpected {type(exc).__name__}: {msg} (run with -v for the traceback; please report it)"
+
 
 def main(argv=None) -> int:
+    """Run the CLI; every failure is one ``segrt: error: ...`` line on stderr and exit status 2 (130 on Ctrl-C).
+    ``-v`` adds the traceback above that line."""
     parser = build_parser()
-    a = parser.parse_args(argv)
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, its one line already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     if a.version:
         from segrt import __version__
 
@@ -274,12 +330,16 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     try:
         return COMMANDS[a.command](a)
-    except SegrtError as exc:
-        print(f"segrt: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         print("segrt: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the boundary: every failure becomes one line and exit status 2
+        if a.verbose:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        print(f"segrt: error: {error_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -63,8 +63,16 @@ def run_demo(out_dir="segrt-demo", orientation: str = "LPS", spacing=(0.9, 0.9, 
     from segrt.volume import Volume, save_labels, save_volume
 
     say = (lambda *a, **k: None) if quiet else print
+    from segrt.errors import OutputError
+    from segrt.safety import check_output_dir
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        try:
+            out.mkdir(parents=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the demo directory {str(out)!r}: {exc.strerror or exc}") from None
+    check_output_dir(out, what="demo directory")
     t0 = time.perf_counter()
     shape = shape_for_fov(DEFAULT_FOV_MM, tuple(spacing))  # the whole phantom body at this spacing
     image, truth, affine, names = make_phantom(shape=shape, spacing=tuple(spacing), axcodes=orientation, seed=seed)

@@ -14,6 +14,7 @@ these, with a message that says what was expected and what was received.
     ├── BackendUnavailable the requested runtime backend cannot run here
     ├── InferenceError     the backend rejected an input (e.g. wrong ONNX input shape)
     ├── BudgetError        a declared memory budget cannot be met
+    ├── UsageError         an option of the API or the CLI that is out of range or of the wrong type
     └── OutputError        an output that cannot or must not be written (an input, a missing or read-only
                            directory, an unknown extension, a name too long, no free space) - checked before work
 """
@@ -32,6 +33,7 @@ __all__ = [
     "InferenceError",
     "BudgetError",
     "OutputError",
+    "UsageError",
 ]
 
 
@@ -81,3 +83,7 @@ class BudgetError(SegrtError):
 
 class OutputError(SegrtError):
     """An output path that cannot or must not be written; raised before any work is done."""
+
+
+class UsageError(SegrtError):
+    """An option given to the API or the CLI is out of range or of the wrong type."""

@@ -468,7 +468,7 @@ def inspect_nifti(path: str | os.PathLike) -> NiftiInfo | None:
         else:
             with open(p, "rb") as f:
                 block = f.read(348)
-    except (OSError, EOFError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - each gzip codec raises its own error type (IsalError, zlib.error)
         raise VolumeError(f"cannot read {str(p)!r}: {'not a valid gzip file' if gz else exc} "
                           f"(expected a NIfTI .nii or .nii.gz file)") from None
     return _check_header_block(block, p, gz)
@@ -688,7 +688,13 @@ def _atomic_save(img, path: str | os.PathLike) -> Path:
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise VolumeError(f"output directory does not exist: {str(folder)!r}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=f".tmp{ext}", dir=str(folder))
+    from segrt.safety import temp_name
+
+    prefix, suffix = temp_name(out.name, ext)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=str(folder))
+    except OSError as exc:
+        raise VolumeError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from exc
     os.close(fd)
     try:
         _write_image(img, tmp)

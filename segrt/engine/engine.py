@@ -32,14 +32,41 @@ from segrt.engine.backends import select_backend
 from segrt.engine.budget import measure_workspace, plan_memory, parse_size
 from segrt.engine.stitch import sliding_window_blocks, sliding_window_stream, window_maxima
 from segrt.engine.tiling import plan_windows
-from segrt.errors import VolumeError
-from segrt.volume import RawImage, Volume, load_nifti, read_nifti, save_labels
+from segrt.errors import UsageError, VolumeError
+from segrt.safety import check_output_file
+from segrt.volume import RawImage, Volume, inspect_nifti, load_nifti, read_nifti, save_labels
 
-__all__ = ["Engine", "Segmentation", "STAGES"]
+__all__ = ["Engine", "Segmentation", "STAGES", "check_run_output"]
 
 log = logging.getLogger("segrt")
 
 STAGES = ("load", "preprocess", "infer", "stitch", "invert", "write")
+
+
+def _source_path(source) -> str | None:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return getattr(source, "path", None)
+
+
+def check_run_output(output, source, artifact_dir=None) -> Path:
+    """Check a run's label output before any work (:func:`segrt.safety.check_output_file`): it may be neither the
+    input image nor a file of the artifact, and needs a writable directory, a NIfTI name and room for the labels.
+    When ``source`` is a path its header is checked too (:func:`segrt.volume.inspect_nifti`), so a bad input also
+    fails before the model is loaded."""
+    inputs = [_source_path(source)]
+    if artifact_dir is not None and os.path.isdir(artifact_dir):
+        inputs += [os.path.join(artifact_dir, n) for n in os.listdir(artifact_dir)]
+    n_vox = None
+    if isinstance(source, (str, os.PathLike)):
+        info = inspect_nifti(source)
+        n_vox = None if info is None else int(np.prod(info.spatial_shape))
+    elif hasattr(source, "spatial_shape"):
+        n_vox = int(np.prod(source.spatial_shape))
+    need = 0
+    if n_vox is not None:  # a lower bound of the label file: uint8, and DEFLATE's best ratio for .nii.gz
+        need = 352 + (n_vox if not str(output).lower().endswith(".gz") else n_vox // 1032)
+    return check_output_file(output, inputs=inputs, what="output", min_free_bytes=need)
 
 
 @dataclass
@@ -72,8 +99,10 @@ class Segmentation:
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the labels as NIfTI on the input grid (atomic: temporary name, then rename)."""
+        """Write the labels as NIfTI on the input grid (atomic: temporary name, then rename). The input image's own
+        file is refused as the output."""
         t0 = time.perf_counter()
+        check_output_file(path, inputs=[_source_path(self.source)], what="output")
         save_labels(self.labels, self.affine, path, like=self.source, descrip=self.metadata.get("descrip"))
         self.timings["write"] = time.perf_counter() - t0
         return Path(path)
@@ -115,6 +144,26 @@ def _softmax_inplace(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def _check_threads(threads) -> int | None:
+    """``threads`` as a positive int not above the usable CPUs (reduced with a warning), or None (the default)."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise UsageError(f"threads must be a positive integer, got {threads!r}")
+    usable = _usable_cpus()
+    if threads > usable:
+        log.warning("segrt: warning: %d threads asked for, %d CPUs usable: using %d", threads, usable, usable)
+        return usable
+    return int(threads)
+
+
 class Engine:
     """A loaded artifact and its backend. Create with :meth:`Engine.load`."""
 
@@ -136,7 +185,7 @@ class Engine:
     def load(cls, path: str | os.PathLike, device: str = "auto", variant: str | None = None,
              threads: int | None = None, accum_dtype: str | None = None,
              overlap=None, skip_empty: bool = True, max_memory=None, stitch_threads: bool = True,
-             gpu_batch: int | None = None) -> "Engine":
+             gpu_batch: int | None = None, trust_torch_program: bool = False) -> "Engine":
         """Load an artifact and pick a backend (``device``: auto, cpu, cuda, tensorrt, ort-cuda, torch-cuda).
 
         ``variant``: None lets the backend choose (fp16 on a GPU when the artifact has it, fp32 on the CPU).
@@ -155,15 +204,19 @@ class Engine:
         when it cannot be met. ``stitch_threads``: gather and infer in background threads, overlapped with
         stitching (bit-identical results). ``gpu_batch``: windows per network call on a GPU backend (default:
         torch-CUDA max(sw_batch_size, 4) - one window per call leaves a large GPU latency-bound; the stitched
-        result does not depend on it).
+        result does not depend on it). ``threads``: a positive integer; more than the CPUs this process may use is
+        reduced to that number, with a warning (oversubscription only slows inference down, and thousands of
+        threads exhaust the process). ``trust_torch_program``: let the torch-CUDA backend load the artifact's
+        torch program, which unpickles (see :func:`segrt.engine.backends.select_backend`).
         """
         t0 = time.perf_counter()
+        threads = _check_threads(threads)
         artifact = Artifact.load(path)
         if artifact.random_weights:
             log.warning("segrt: warning: artifact %s holds RANDOM weights (exported with --random-init): "
                         "its labels are meaningless", path)
         backend, reason = select_backend(artifact, device=device, variant=variant, threads=threads,
-                                         gpu_batch=gpu_batch)
+                                         gpu_batch=gpu_batch, trust_torch_program=trust_torch_program)
         eng = cls(artifact, backend, reason, accum_dtype=accum_dtype)
         eng.skip_empty = bool(skip_empty)
         eng.max_memory = None if max_memory is None else parse_size(max_memory)
@@ -241,6 +294,8 @@ class Engine:
         grid (C × volume: for tests and debugging only — it defeats the streaming memory bound).
         """
         spec = self.spec
+        if output is not None:  # before any work: never the input, never after minutes of inference
+            check_run_output(output, source, self.artifact.root)
         timings = {k: 0.0 for k in STAGES}
         on_device = self.device == "cuda" and hasattr(self.backend, "infer_torch")
         t0 = time.perf_counter()
