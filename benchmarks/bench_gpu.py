@@ -186,7 +186,8 @@ def load_engine(artifact: Path, device, gpu_batch: int, accum: str):
     from segrt.engine.engine import Engine
 
     if device.type == "cuda":
-        return Engine.load(artifact, device="torch-cuda", gpu_batch=gpu_batch, accum_dtype=accum)
+        return Engine.load(artifact, device="torch-cuda", gpu_batch=gpu_batch, accum_dtype=accum,
+                           trust_torch_program=True)  # the artifact this script exported itself
     from segrt.artifact import Artifact
     from segrt.engine.backends.torch_cuda import TorchCudaBackend
 
@@ -452,7 +453,8 @@ def main(argv=None) -> int:
     # ---- segrt run, a fresh process ----
     if not args.no_cli:
         cmd = [sys.executable, "-m", "segrt.cli", "run", str(artifact), str(ct_path), "-o",
-               str(work / "segrt_cli.nii.gz"), "--json", "--quiet", "--device", "torch-cuda" if cuda else "cpu"]
+               str(work / "segrt_cli.nii.gz"), "--json", "--quiet", "--device", "torch-cuda" if cuda else "cpu",
+               "--trust-torch-program"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         wall = time.perf_counter() - t0

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from segrt.artifact import MANIFEST, SCHEMA, SCHEMA_VERSION, sha256_file, write_json_atomic
 from segrt.errors import ExportError, SpecError
+from segrt.safety import check_output_dir
 from segrt.export.bundle import gaussian_profiles, load_bundle, spec_from_bundle
 from segrt.spec import Spec
 
@@ -176,6 +177,12 @@ def _onnx_source(src: Path, tmp: Path, spec: Spec, gate_samples: int) -> tuple[d
     io_ = onnx_io(src)
     dst = tmp / MODEL_FP32
     if io_["external_data"]:
+        from segrt.artifact import contained_file
+        from segrt.onnxproto import external_data_locations
+
+        for loc in external_data_locations(src):  # checked before onnx opens any of them
+            contained_file(src.parent, loc, "external data file", owner=f"ONNX source {str(src)!r}",
+                           error=ExportError)
         model = onnx.load(str(src))  # pulls the external tensors in; saved as one file
         onnx.save(model, str(dst))
     else:
@@ -349,6 +356,7 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
     if kind != "bundle" and random_init:
         raise ExportError(f"random_init applies to bundles without their weights file only; a {kind} "
                           f"source carries its own weights")
+    check_output_dir(out, sources=[src], what="artifact directory")
     _check_out_dir(out, force)
 
     t_start = time.perf_counter()

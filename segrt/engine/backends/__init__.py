@@ -37,7 +37,13 @@ def _onnx_variant(artifact, variant):
     return "fp16" if "fp16" in artifact.variants else "fp32"
 
 
-def _make(kind: str, artifact, variant, threads, gpu_batch: int | None = None):
+UNTRUSTED_TORCH_PROGRAM = (
+    "torch-cuda: the artifact's torch program is loaded with pickle (torch.export.load / torch.jit.load can run "
+    "code from the file), and segrt runs no code from an artifact unless told to: pass trust_torch_program=True "
+    "(segrt run --trust-torch-program) for an artifact you exported or trust")
+
+
+def _make(kind: str, artifact, variant, threads, gpu_batch: int | None = None, trust_torch_program: bool = False):
     """Construct one backend or raise BackendUnavailable with the reason."""
     if kind == "tensorrt":
         if "tensorrt" not in artifact.variants:
@@ -55,6 +61,9 @@ def _make(kind: str, artifact, variant, threads, gpu_batch: int | None = None):
     if kind == "torch-cuda":
         from segrt.engine.backends.torch_cuda import TorchCudaBackend
 
+        TorchCudaBackend.check_cuda()
+        if "torch" in artifact.variants and not trust_torch_program:
+            raise BackendUnavailable(UNTRUSTED_TORCH_PROGRAM)
         return TorchCudaBackend.from_artifact(artifact, device="cuda", fp16=variant != "fp32", max_batch=gpu_batch)
     if kind in ("cpu", "ort-cpu"):
         if variant in CPU_ORDER:
@@ -99,7 +108,7 @@ def _describe(backend) -> str:
 
 
 def select_backend(artifact, device: str = "auto", variant: str | None = None, threads: int | None = None,
-                   gpu_batch: int | None = None):
+                   gpu_batch: int | None = None, trust_torch_program: bool = False):
     """Pick and construct a backend for ``artifact``; return ``(backend, reason)``.
 
     ``device``: ``"cpu"`` (the artifact's best CPU variant whose gate passed - OpenVINO bf16 - else ONNX
@@ -115,6 +124,9 @@ def select_backend(artifact, device: str = "auto", variant: str | None = None, t
     variant (refused, with the reason, if its gate did not pass).
     ``gpu_batch``: windows per network call on a GPU backend (default: torch-CUDA max(sw_batch_size, 4), the
     others sw_batch_size); a TensorRT plan takes at most the batch its profile was built for.
+    ``trust_torch_program``: the torch-CUDA backend loads the artifact's torch program, which unpickles (can run
+    code); without this it is refused (``"auto"``/``"cuda"`` go on to the next candidate). ONNX files and TensorRT
+    plans are data and need no trust.
     """
     if gpu_batch is not None and (isinstance(gpu_batch, bool) or not isinstance(gpu_batch, int) or gpu_batch < 1):
         raise BackendUnavailable(f"gpu_batch must be a positive integer, got {gpu_batch!r}")
@@ -139,7 +151,7 @@ def select_backend(artifact, device: str = "auto", variant: str | None = None, t
         return backend, reason
     if device in ("ort-cpu", "openvino") + GPU_ORDER:
         try:
-            backend = _make(device, artifact, variant, threads, gpu_batch)
+            backend = _make(device, artifact, variant, threads, gpu_batch, trust_torch_program)
         except ArtifactError as exc:
             raise BackendUnavailable(f"device={device}: {exc}") from None
         reason = f"device={device}: {_describe(backend)}"
@@ -149,7 +161,7 @@ def select_backend(artifact, device: str = "auto", variant: str | None = None, t
     rejected: list[str] = []
     for kind in GPU_ORDER:
         try:
-            backend = _make(kind, artifact, variant, threads, gpu_batch)
+            backend = _make(kind, artifact, variant, threads, gpu_batch, trust_torch_program)
         except (BackendUnavailable, ArtifactError) as exc:
             msg = str(exc)
             rejected.append(msg if msg.startswith(f"{kind}:") else f"{kind}: {msg}")

@@ -144,9 +144,7 @@ class OpenVinoCpuBackend(Backend):
                 raise BackendUnavailable(f"{variant}: failed its export-time accuracy gate ({why})")
         source = entry if entry is not None else artifact.model_entry("fp32")
         spec = artifact.spec
-        path = artifact.root / source["path"]
-        if not path.is_file():
-            raise BackendUnavailable(f"{variant}: model file {source['path']!r} is missing")
+        path = artifact.model_path(variant if entry is not None else "fp32", verify=False)  # contained, present
         return cls(path, spec.in_channels, spec.num_classes, spec.inference.roi_size,
                    spec.inference.sw_batch_size, precision=precision,
                    input_name=source.get("input_name", "input"), output_name=source.get("output_name", "output"),

@@ -80,9 +80,8 @@ class TorchCudaBackend(Backend):
         if device not in ("cuda", "cpu") and not str(device).startswith("cuda:"):
             raise BackendUnavailable(f"torch-cuda: device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
         on_gpu = device != "cpu"
-        if on_gpu and not torch.cuda.is_available():
-            raise BackendUnavailable(f"torch-cuda: torch {torch.__version__} sees no CUDA device "
-                                     f"(torch.cuda.is_available() is False)")
+        if on_gpu:
+            self.check_cuda()
         self.torch = torch
         self.threads = None
         self.device = "cuda" if on_gpu else "cpu"
@@ -109,6 +108,17 @@ class TorchCudaBackend(Backend):
         self._graph = None
         self._static_in = None
         self._static_out = None
+
+    @staticmethod
+    def check_cuda() -> None:
+        """BackendUnavailable unless torch is importable and sees a CUDA device."""
+        try:
+            import torch
+        except ImportError as exc:
+            raise BackendUnavailable(f"torch-cuda needs torch, which is not importable: {exc}") from None
+        if not torch.cuda.is_available():
+            raise BackendUnavailable(f"torch-cuda: torch {torch.__version__} sees no CUDA device "
+                                     f"(torch.cuda.is_available() is False)")
 
     @classmethod
     def from_artifact(cls, artifact, *, device: str = "cuda", fp16: bool = True, max_batch: int | None = None,
