@@ -25,7 +25,7 @@ from typing import Iterable
 
 from segrt.errors import OutputError
 
-__all__ = ["check_output_file", "check_output_dir", "same_file", "temp_name", "TEMP_PREFIX_CHARS"]
+__all__ = ["check_output_file", "check_output_dir", "same_file", "temp_name", "format_bytes", "TEMP_PREFIX_CHARS"]
 
 #: characters of the final name kept in a temporary name (``.<name[:40]>.<random>.tmp<ext>``)
 TEMP_PREFIX_CHARS = 40
@@ -74,7 +74,8 @@ def _probe_writable(folder: Path, what: str) -> None:
         pass
 
 
-def _fmt_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``n`` bytes for a message: ``512 B``, ``1.5 MiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -129,7 +130,7 @@ def check_output_file(path: str | os.PathLike, *, inputs: Iterable = (), exts: I
             free = None
         if free is not None and free < min_free_bytes:
             raise OutputError(f"not enough free space for the {what} in {str(folder)!r}: it needs at least "
-                              f"{_fmt_bytes(min_free_bytes)}, {_fmt_bytes(free)} are free")
+                              f"{format_bytes(min_free_bytes)}, {format_bytes(free)} are free")
     return out
 
 

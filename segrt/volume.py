@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from segrt.errors import VolumeError
+from segrt.safety import format_bytes, temp_name
 
 __all__ = ["Volume", "RawImage", "NiftiInfo", "inspect_nifti", "read_nifti", "load_nifti", "save_labels", "save_volume", "correct_nifti_header"]
 
@@ -442,13 +443,6 @@ def _memory_limit() -> int | None:
     return min(limits) if limits else None
 
 
-def _fmt_size(n: int) -> str:
-    for unit, k in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= k:
-            return f"{n / k:.1f} {unit}"
-    return f"{n} B"
-
-
 def inspect_nifti(path: str | os.PathLike) -> NiftiInfo | None:
     """Check a ``.nii`` / ``.nii.gz`` file's NIfTI-1 header before any voxel is read (reads 348 bytes).
 
@@ -522,19 +516,19 @@ def _check_header_block(block: bytes, p: Path, gz: bool) -> NiftiInfo | None:
     if offset < 0:
         raise VolumeError(f"NIfTI header vox_offset {float(hdr['vox_offset'])} is invalid {where}")
     size = p.stat().st_size
-    decl = f"{'x'.join(map(str, shape))} {dtype} voxels ({_fmt_size(nbytes)})"
+    decl = f"{'x'.join(map(str, shape))} {dtype} voxels ({format_bytes(nbytes)})"
     if not gz and size < max(offset, 352) + nbytes:
         raise VolumeError(f"cannot read the voxel data of {str(p)!r}: the file is truncated or its header is "
                           f"corrupt (the header declares {decl} from byte {max(offset, 352)}, the file has {size} "
                           f"bytes)")
     if gz and nbytes > _DEFLATE_MAX_RATIO * size + (1 << 20):
-        raise VolumeError(f"the header of {str(p)!r} declares {decl}, more than a gzip file of {_fmt_size(size)} "
-                          f"can hold (DEFLATE compresses at most {_DEFLATE_MAX_RATIO}:1): the header is corrupt")
+        raise VolumeError(f"the header of {str(p)!r} declares {decl}, more than a gzip file of "
+                          f"{format_bytes(size)} can hold (DEFLATE compresses at most {_DEFLATE_MAX_RATIO}:1): the header is corrupt")
     limit = _memory_limit()
     need = nbytes + n_vox * 4  # the stored voxels and their float32 copy
     if limit is not None and need > limit:
-        raise VolumeError(f"{str(p)!r} declares {decl}: reading it needs {_fmt_size(need)} of memory, this machine "
-                          f"has {_fmt_size(limit)}")
+        raise VolumeError(f"{str(p)!r} declares {decl}: reading it needs {format_bytes(need)} of memory, this "
+                          f"machine has {format_bytes(limit)}")
     return NiftiInfo(str(p), shape, dtype, nbytes, offset, gz)
 
 
@@ -688,8 +682,6 @@ def _atomic_save(img, path: str | os.PathLike) -> Path:
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise VolumeError(f"output directory does not exist: {str(folder)!r}")
-    from segrt.safety import temp_name
-
     prefix, suffix = temp_name(out.name, ext)
     try:
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=str(folder))
