@@ -47,7 +47,8 @@ import numpy as np
 from segrt.errors import VolumeError
 from segrt.safety import format_bytes, temp_name
 
-__all__ = ["Volume", "RawImage", "NiftiInfo", "inspect_nifti", "read_nifti", "load_nifti", "save_labels", "save_volume", "correct_nifti_header"]
+__all__ = ["Volume", "RawImage", "NiftiInfo", "inspect_nifti", "read_nifti",
+           "load_nifti", "save_labels", "save_volume", "correct_nifti_header"]
 
 _NIFTI_EXTS = (".nii.gz", ".nii")
 
@@ -523,7 +524,8 @@ def _check_header_block(block: bytes, p: Path, gz: bool) -> NiftiInfo | None:
                           f"bytes)")
     if gz and nbytes > _DEFLATE_MAX_RATIO * size + (1 << 20):
         raise VolumeError(f"the header of {str(p)!r} declares {decl}, more than a gzip file of "
-                          f"{format_bytes(size)} can hold (DEFLATE compresses at most {_DEFLATE_MAX_RATIO}:1): the header is corrupt")
+                          f"{format_bytes(size)} can hold (DEFLATE compresses at most {_DEFLATE_MAX_RATIO}:1): the "
+                          f"header is corrupt")
     limit = _memory_limit()
     need = nbytes + n_vox * 4  # the stored voxels and their float32 copy
     if limit is not None and need > limit:
