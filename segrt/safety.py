@@ -74,13 +74,12 @@ def _probe_writable(folder: Path, what: str) -> None:
         pass
 
 
-def format_bytes(n: float) -> str:
-    """``n`` bytes for a message: ``512 B``, ``1.5 MiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
+def format_bytes(n: float, digits: int = 1) -> str:
+    """``n`` bytes for a message, in binary units: ``512 B``, ``1.5 MiB`` (``digits`` decimals)."""
+    for unit, f in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= f:
+            return f"{n / f:.{digits}f} {unit}"
+    return f"{n:.0f} B"
 
 
 def check_output_file(path: str | os.PathLike, *, inputs: Iterable = (), exts: Iterable[str] = (".nii.gz", ".nii"),

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from segrt.engine.stitch import stitch_buffers
+from segrt.safety import format_bytes
 from segrt.errors import BudgetError, SpecError
 from segrt.spec import InferenceSpec
 
@@ -59,10 +60,8 @@ def parse_size(text) -> int:
 
 
 def format_size(n: int) -> str:
-    for unit, f in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(n) >= f:
-            return f"{n / f:.2f} {unit}"
-    return f"{n} B"
+    """Bytes with two decimals (a budget the user gives back as --max-memory)."""
+    return format_bytes(n, digits=2)
 
 
 def rss_bytes() -> int:
