@@ -20,6 +20,8 @@ from segrt.spec import INTENSITY_OPS, IntensityOp, Preprocessing
 __all__ = [
     "AFFINE_TOL",
     "orient",
+    "plan_orientation",
+    "apply_orientation",
     "unorient_labels",
     "SpacingPlan",
     "plan_spacing",
@@ -32,6 +34,7 @@ __all__ = [
     "apply_intensity",
     "PreprocessRecord",
     "preprocess",
+    "plan_geometry",
     "output_shape",
 ]
 
@@ -53,25 +56,35 @@ def orient(array: np.ndarray, affine: np.ndarray, axcodes: str):
     Returns ``(view, new_affine, ornt)``: the data is flipped then transposed (a view, no copy),
     ``new_affine = affine · inv_ornt_aff(ornt, shape)``; ``ornt[i] = (output axis, ±1)`` of input axis i.
     """
-    from nibabel import orientations as nio
-
     if array.ndim != 4:
         raise VolumeError(f"expected a channel-first (C, X, Y, Z) array, received shape {tuple(array.shape)}")
+    new_affine, ornt = plan_orientation(affine, array.shape[1:], axcodes)
+    return apply_orientation(array, ornt), new_affine, ornt
+
+
+def plan_orientation(affine: np.ndarray, shape, axcodes: str):
+    """Orientationd's geometry from the header alone: ``(new_affine, ornt)`` (see :func:`orient`)."""
+    from nibabel import orientations as nio
+
     affine = np.asarray(affine, dtype=np.float64)
-    shape = array.shape[1:]
     src = nio.io_orientation(affine)
     try:
         dst = nio.axcodes2ornt(tuple(axcodes))
     except Exception as exc:  # nibabel raises ValueError/TypeError on bad codes
         raise SpecError(f"invalid orientation axcodes {axcodes!r}: {exc}") from exc
     ornt = nio.ornt_transform(src, dst)
-    xform = nio.inv_ornt_aff(ornt, shape)
+    xform = nio.inv_ornt_aff(ornt, tuple(shape))
+    return K.torch_matmul(affine, xform), ornt  # MONAI updates the affine with a torch matmul
+
+
+def apply_orientation(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """The data part of :func:`orient`: flips then a transpose of ``array (C, X, Y, Z)`` (a view, no copy)."""
     flips = tuple(i + 1 for i in range(3) if ornt[i, 1] == -1)
     out = np.flip(array, axis=flips) if flips else array
     perm = np.argsort(ornt[:, 0])
     if not np.array_equal(perm, np.arange(3)):
         out = out.transpose(0, *(int(p) + 1 for p in perm))
-    return out, K.torch_matmul(affine, xform), ornt  # MONAI updates the affine with a torch matmul
+    return out
 
 
 def unorient_labels(labels: np.ndarray, ornt: np.ndarray, orig_shape) -> np.ndarray:
@@ -448,49 +461,53 @@ class PreprocessRecord:
         return K.ProbabilityInverter(M, self.output_shape, self.oriented_shape, num_classes, dtype)
 
 
-def output_shape(volume, pre: Preprocessing) -> tuple[int, int, int]:
-    """The spatial shape :func:`preprocess` will give ``volume`` (geometry only: nothing is resampled)."""
+def plan_geometry(affine: np.ndarray, spatial_shape, pre: Preprocessing) -> PreprocessRecord:
+    """The whole geometry of :func:`preprocess` from the header alone (affine and spatial shape): orientation,
+    spacing plan, output grid — computed once per input and handed to :func:`preprocess` (nothing is resampled)."""
     if not isinstance(pre, Preprocessing):
         raise SpecError(f"expected a segrt.spec.Preprocessing, received {type(pre).__name__}")
-    arr = volume.array
-    affine = np.asarray(volume.affine, dtype=np.float64)
+    in_affine = np.asarray(affine, dtype=np.float64)
+    in_shape = tuple(int(s) for s in spatial_shape)
+    ornt = None
+    or_affine, or_shape = in_affine, in_shape
     if pre.orientation is not None:
-        arr, affine, _ = orient(arr, affine, pre.orientation.upper())
-    shape = tuple(int(s) for s in arr.shape[1:])
-    if pre.spacing is None:
-        return shape
-    return tuple(plan_spacing(affine, shape, pre.spacing.pixdim).out_shape)
+        or_affine, ornt = plan_orientation(in_affine, in_shape, pre.orientation.upper())
+        or_shape = tuple(in_shape[int(i)] for i in np.argsort(ornt[:, 0]))
+    sp = None if pre.spacing is None else plan_spacing(or_affine, or_shape, pre.spacing.pixdim)
+    return PreprocessRecord(
+        input_shape=in_shape, input_affine=in_affine, ornt=ornt, oriented_shape=or_shape, oriented_affine=or_affine,
+        spacing=sp, output_shape=or_shape if sp is None else tuple(int(s) for s in sp.out_shape),
+        output_affine=or_affine if sp is None else sp.out_affine)
 
 
-def preprocess(volume, pre: Preprocessing, raw_hook=None):
+def output_shape(volume, pre: Preprocessing) -> tuple[int, int, int]:
+    """The spatial shape :func:`preprocess` will give ``volume`` (geometry only: nothing is resampled)."""
+    return plan_geometry(volume.affine, volume.array.shape[1:], pre).output_shape
+
+
+def preprocess(volume, pre: Preprocessing, raw_hook=None, geometry: PreprocessRecord | None = None):
     """Run orientation, spacing and intensity ops on ``volume`` (a :class:`segrt.volume.Volume`).
 
     ``raw_hook(array)``, if given, sees the oriented and resampled image *before* the intensity ops (e.g. CT in
-    Hounsfield units; the engine's empty-window rule is decided there); it must not modify it.
+    Hounsfield units; the engine's empty-window rule is decided there); it must not modify it. ``geometry``: this
+    volume's :func:`plan_geometry` when the caller has it already (it is then not planned again).
     Returns ``(array (C, X, Y, Z) float32, PreprocessRecord)``.
     """
-    if not isinstance(pre, Preprocessing):
-        raise SpecError(f"expected a segrt.spec.Preprocessing, received {type(pre).__name__}")
+    if geometry is None:
+        geometry = plan_geometry(volume.affine, volume.array.shape[1:], pre)
+    elif tuple(geometry.input_shape) != tuple(volume.array.shape[1:]):
+        raise SpecError(f"the geometry was planned for {geometry.input_shape}, the volume is "
+                        f"{tuple(volume.array.shape[1:])}")
     arr = volume.array
-    affine = np.asarray(volume.affine, dtype=np.float64)
-    in_shape = tuple(int(s) for s in arr.shape[1:])
-    ornt = None
-    if pre.orientation is not None:
-        arr, affine, ornt = orient(arr, affine, pre.orientation.upper())
-    or_shape = tuple(int(s) for s in arr.shape[1:])
-    or_affine = affine
-    plan = None
-    if pre.spacing is not None:
-        plan = plan_spacing(or_affine, or_shape, pre.spacing.pixdim)
-        arr = apply_spacing(arr, plan, pre.spacing.mode)
-        affine = plan.out_affine
+    if geometry.ornt is not None:
+        arr = apply_orientation(arr, geometry.ornt)
+    if geometry.spacing is not None:
+        arr = apply_spacing(arr, geometry.spacing, pre.spacing.mode)
     if raw_hook is not None:
         raw_hook(arr)
     arr = apply_intensity(arr, pre.intensity)
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
-    record = PreprocessRecord(
-        input_shape=in_shape, input_affine=np.asarray(volume.affine, dtype=np.float64), ornt=ornt,
-        oriented_shape=or_shape, oriented_affine=or_affine, spacing=plan,
-        output_shape=tuple(int(s) for s in arr.shape[1:]), output_affine=affine)
-    return arr, record
+    if tuple(arr.shape[1:]) != tuple(geometry.output_shape):  # pragma: no cover - an internal invariant
+        raise SpecError(f"preprocessing gave {tuple(arr.shape[1:])}, the plan said {geometry.output_shape}")
+    return arr, geometry
