@@ -32,10 +32,11 @@ from segrt.engine.stitch import (
     sliding_window_blocks,
     sliding_window_full,
     sliding_window_stream,
+    stitch_buffers,
+    stream_order,
     window_maxima,
 )
 from segrt.engine.tiling import importance_map, pad_widths, plan_windows, scan_interval, window_starts
-from segrt.errors import InferenceError
 from segrt.spec import InferenceSpec
 
 
@@ -216,7 +217,7 @@ def test_cell_grid_partitions_volume(geo):
             if final:
                 seen_final[key] = i
     assert set(seen_final) == set(keys)
-    for kind in ("monai", "compact"):
+    for kind in ("monai", "compact", "compact_yz"):
         assert sorted(grid.order(kind)) == list(range(plan.n_windows))
 
 
@@ -254,13 +255,12 @@ def test_pointwise_blocks_and_stream_reproduce_function(geo, channels, seed):
     _close(blocks, want)
     assert sum(calls) == plan.n_windows
 
-    # order="monai": the default "compact" order (sw_batch_size 1) breaks the stream, see test_stream_compact_order
-    slabs = _assemble_slabs(sliding_window_stream(img, spec, pointwise, K, order="monai"), K, shape)
+    slabs = _assemble_slabs(sliding_window_stream(img, spec, pointwise, K), K, shape)
     np.testing.assert_array_equal(slabs, blocks)
     # one slab per axis-0 start that owns unpadded rows
     low = plan.pads[0][0]
     n_slabs = sum(1 for a, e in slab_bounds(plan) if min(e - low, shape[0]) > max(a - low, 0))
-    assert len(list(sliding_window_stream(img, spec, pointwise, K, order="monai"))) == n_slabs
+    assert len(list(sliding_window_stream(img, spec, pointwise, K))) == n_slabs
 
     full = sliding_window_full(img, spec, pointwise, K)
     np.testing.assert_array_equal(full, blocks)
@@ -288,34 +288,83 @@ def test_pointwise_bit_identical_across_options(geo, seed):
         dict(inplace_weighting=True),
         dict(order="monai"),
         dict(order="compact"),
+        dict(order="compact_yz"),
         dict(skip=np.zeros(plan.n_windows, dtype=bool)),
         dict(skip=[False] * plan.n_windows, threads=True, order="compact"),
     ]
     for kw in variants:
         np.testing.assert_array_equal(sliding_window_full(img, spec, pointwise, K, **kw), ref, err_msg=str(kw))
-    slabs = _assemble_slabs(sliding_window_stream(img, spec, pointwise, K, threads=True, order="monai",
-                                                  skip=np.zeros(plan.n_windows, dtype=bool)), K, shape)
-    np.testing.assert_array_equal(slabs, ref)
+    for order in ("monai", "compact"):
+        slabs = _assemble_slabs(sliding_window_stream(img, spec, pointwise, K, threads=True, order=order,
+                                                      skip=np.zeros(plan.n_windows, dtype=bool)), K, shape)
+        np.testing.assert_array_equal(slabs, ref, err_msg=order)
 
 
-@pytest.mark.xfail(strict=True, raises=(InferenceError, ValueError), reason=(
-    "bug: sliding_window_stream assumes blocks arrive slab by slab (axis-0 start by axis-0 start), but the "
-    "'compact' window order (the default when sw_batch_size == 1) interleaves the last two axis-0 starts "
-    "when the last one is pulled back, tile by tile over axes 1/2; with >= 2 such tiles a block of the last "
-    "slab arrives before the previous slab is complete -> InferenceError 'block rows .. outside slab ..' or a "
-    "broadcast ValueError. Minimal: shape (3, 1, 2), roi (2, 1, 1), overlap 0, sw_batch_size 1."))
+# Regression: in "compact" order (the default of the blocks when sw_batch_size == 1) the last two axis-0 starts
+# are visited together, tile by tile over axes 1/2, when the last one is pulled back; with >= 2 such tiles blocks
+# of the last slab arrive before the slab before it is complete. The stream used to keep one open slab and crashed
+# (InferenceError 'block rows .. outside slab ..', or a broadcast ValueError); it now holds both and hands them
+# out in row order.
 @_settings(30, report_multiple_bugs=False)
 @example(((3, 1, 2), InferenceSpec(roi_size=(2, 1, 1), overlap=(0.0, 0.0, 0.0))), 0)
 @example(((40, 30, 30), InferenceSpec(roi_size=(12, 12, 12), overlap=(0.25, 0.25, 0.25))), 0)
 @given(STITCH, st.integers(0, 2**16))
 def test_stream_compact_order(geo, seed):
-    """The stream in the default order (``compact`` for sw_batch_size 1) equals the blocks, as in MONAI order."""
+    """The stream in every order (and in its default one) equals the blocks, bit for bit, slabs in row order."""
     shape, spec = geo
     img = _image(shape, 1, seed)
     want = _assemble(sliding_window_blocks(img, spec, pointwise, K, order="compact"), K, shape)
-    got = _assemble_slabs(sliding_window_stream(img, spec, pointwise, K, order="compact"), K, shape)
-    np.testing.assert_array_equal(got, want)
-    _close(_assemble_slabs(sliding_window_stream(img, spec, pointwise, K), K, shape), want)
+    for order in ("compact", "compact_yz", "monai", None):
+        got = _assemble_slabs(sliding_window_stream(img, spec, pointwise, K, order=order), K, shape)
+        np.testing.assert_array_equal(got, want, err_msg=str(order))
+
+
+def _open_slab_rows(blocks, plan):
+    """Most rows of slabs open at once when the blocks arrive in this order: a slab opens with its first block and
+    is handed out once complete and every slab before it is out (what sliding_window_stream does)."""
+    low, (x, y, z) = plan.pads[0][0], plan.spatial_shape
+    rows = [(max(a - low, 0), min(e - low, x)) for a, e in slab_bounds(plan)]
+    rows = [(a, e) for a, e in rows if e > a]
+    filled, nxt, cur, peak = {}, 0, 0, 0
+    for (x0, _, _), block in blocks:
+        gi = max(i for i, (a, _) in enumerate(rows) if a <= x0)
+        assert gi >= nxt, "a block of a slab already handed out"
+        if gi not in filled:
+            filled[gi] = 0
+            cur += rows[gi][1] - rows[gi][0]
+            peak = max(peak, cur)
+        filled[gi] += block[0].size
+        while nxt in filled and filled[nxt] == (rows[nxt][1] - rows[nxt][0]) * y * z:
+            cur -= rows[nxt][1] - rows[nxt][0]
+            del filled[nxt]
+            nxt += 1
+    assert nxt == len(rows) and not filled
+    return peak
+
+
+@_settings(40)
+@given(STITCH)
+def test_slab_memory_term_replays_block_order(geo):
+    """The slab term of the memory formula is the most rows the stream holds at once in each order (two slabs in
+    compact order where the last two axis-0 starts share their tiles), and the stream's default order has the
+    smallest peak of all orders."""
+    shape, spec = geo
+    plan = plan_windows(shape, spec)
+    img = _image(shape, 1, 3)
+    y, z = shape[1:]
+    totals = {}
+    for order in ("compact", "compact_yz", "monai"):
+        rows = _open_slab_rows(sliding_window_blocks(img, spec, pointwise, K, order=order), plan)
+        terms = stitch_buffers(shape, spec, K, slabs=True, order=order)
+        assert terms["slab"] == 4 * K * rows * y * z, order
+        assert rows >= max(e - a for a, e in slab_bounds(plan)) or plan.pads[0] != (0, 0)
+        totals[order] = sum(terms.values())
+    default = stitch_buffers(shape, spec, K, slabs=True)
+    if spec.sw_batch_size == 1:
+        assert stream_order(shape, spec, K) in totals
+        assert sum(default.values()) == min(totals.values())
+    else:
+        assert stream_order(shape, spec, K) == "monai" and sum(default.values()) == totals["monai"]
 
 
 @st.composite
@@ -340,7 +389,7 @@ def test_pointwise_with_replicate_padding_smaller_than_roi(geo, seed):
     img = _image(shape, 2, seed)
     want = pointwise(img[None])[0]
     _close(_assemble(sliding_window_blocks(img, spec, pointwise, K), K, shape), want)
-    _close(_assemble_slabs(sliding_window_stream(img, spec, pointwise, K, order="monai"), K, shape), want)
+    _close(_assemble_slabs(sliding_window_stream(img, spec, pointwise, K), K, shape), want)
 
 
 # ---- 4. skipping, window maxima -------------------------------------------------------------------

@@ -14,6 +14,7 @@ from segrt.engine.stitch import (
     sliding_window_stream,
     stitch_buffers,
     stitch_peak_bytes,
+    stream_order,
     ufunc_scratch_bytes,
 )
 from segrt.engine.tiling import plan_windows, torch_gaussian_profiles
@@ -153,6 +154,29 @@ def test_slabs_are_emitted_before_the_end():
     assert len(slab_bounds(plan)) == len(plan.starts[0])
 
 
+def test_stream_compact_order_last_slabs_interleaved():
+    """Regression: with sw_batch_size 1 the "compact" order visits the last two axis-0 starts (the last one pulled
+    back: 28 after 27) together, tile by tile over axes 1/2 (three tiles each), so blocks of the last slab arrive
+    before the slab before it is complete. The stream kept one open slab and crashed (broadcast ValueError); now
+    the slabs come in row order and equal sliding_window_full bit for bit, in every order."""
+    shape = (40, 30, 30)
+    spec = InferenceSpec(roi_size=(12, 12, 12), overlap=(0.25, 0.25, 0.25))
+    plan = plan_windows(shape, spec)
+    assert plan.starts[0][-2:] == (27, 28) and len(plan.starts[1]) == 3
+    assert stream_order(shape, spec, 3) == "compact"  # the default order of the stream hits the case
+    img = np.random.default_rng(5).standard_normal((2, *shape)).astype(np.float32)
+    full = sliding_window_full(img, spec, pointwise, 3)
+    for kw in ({}, {"order": "compact"}, {"order": "compact", "threads": True}, {"order": "compact_yz"},
+               {"order": "monai"}):
+        nxt, parts = 0, []
+        for x0, slab in sliding_window_stream(img, spec, pointwise, 3, **kw):
+            assert x0 == nxt and slab.shape[1] == next(e for a, e in slab_bounds(plan) if a == x0) - x0, kw
+            parts.append(slab.copy())
+            nxt += slab.shape[1]
+        assert nxt == shape[0]
+        np.testing.assert_array_equal(np.concatenate(parts, axis=1), full, err_msg=str(kw))
+
+
 class _NoAllocPredictor:
     """Pointwise predictor writing into one preallocated buffer, so that it allocates nothing per call."""
 
@@ -194,6 +218,42 @@ def test_peak_memory_matches_formula_and_is_small():
     # the formula accounts for every buffer; its ufunc-scratch and Python-bookkeeping terms are upper bounds
     assert predicted - ufunc_scratch_bytes() - 64 * 1024 <= peak <= predicted + 16 * 1024, (peak, predicted)
     assert peak < full_volume / 8, (peak, full_volume)
+
+
+@pytest.mark.parametrize("order", ["compact", None])
+def test_stream_peak_memory_with_two_open_slabs(order):
+    """In compact order the last two slabs (3 + 16 rows here) are open together: the formula counts both and the
+    measured peak stays within it; without an order the stream takes the cheaper one (one open slab here)."""
+    shape, roi, k = (403, 40, 36), (16, 16, 16), 4
+    spec = _spec(roi, 0.5, "gaussian", "constant", 1)
+    plan = plan_windows(shape, spec)
+    assert plan.starts[0][-2:] == (384, 387) and len(plan.starts[1]) == 4
+    y, z = shape[1:]
+    terms = stitch_buffers(shape, spec, k, slabs=True, order=order)
+    one_slab = 4 * k * 16 * y * z
+    assert terms["slab"] == (4 * k * (3 + 16) * y * z if order == "compact" else one_slab)
+    totals = {o: stitch_peak_bytes(shape, spec, k, order=o) for o in ("compact", "compact_yz", "monai")}
+    assert stitch_peak_bytes(shape, spec, k) == min(totals.values()) < totals["compact"]
+    assert stream_order(shape, spec, k) == "compact_yz"
+    img = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
+    predictor = _NoAllocPredictor(1, k, roi)
+    for _ in sliding_window_stream(img[:, :40], spec, predictor, k, order=order):  # one-time allocations
+        pass
+    predicted = sum(terms.values())
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        n_rows = 0
+        for x0, slab in sliding_window_stream(img, spec, predictor, k, order=order):
+            assert x0 == n_rows
+            n_rows += slab.shape[1]
+            del slab
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert n_rows == shape[0]
+    assert predicted - ufunc_scratch_bytes() - 64 * 1024 <= peak <= predicted + 16 * 1024, (peak, predicted)
 
 
 def test_peak_formula_scales_with_roi_not_height():

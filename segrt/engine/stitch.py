@@ -20,12 +20,21 @@ stored (they never reach the output). This is a multi-level ring: the cells aliv
   inside that the axis-2 band (``rx' · ry' · Oz``) plus the current window (``rx' · ry' · rz``), where ``rx' =
   roi_x − Ox`` etc. are the rows not already counted in an outer band.
 
-**Window order.** ``order="monai"`` visits windows in MONAI's C order. ``order="compact"`` (the default when
-``sw_batch_size`` is 1, where a batch's composition cannot change any network output) visits them tile by tile,
-the last two starts of an axis forming one tile where MONAI pulls the last window back: that keeps the live
-axis-0 band at the regular overlap instead of the pulled-back one (e.g. 24 instead of 80 rows for 256 voxels,
-roi 96, overlap 0.25). A contribution that reaches a cell before an earlier (MONAI-order) window waits, copied,
-in the cell's pending list, so per voxel the additions are still applied in MONAI's order: bit-identical.
+**Window order.** ``order="monai"`` visits windows in MONAI's C order. ``order="compact"`` (the default of
+:func:`sliding_window_blocks` when ``sw_batch_size`` is 1, where a batch's composition cannot change any network
+output) visits them tile by tile, the last two starts of an axis forming one tile where MONAI pulls the last
+window back: that keeps the live axis-0 band at the regular overlap instead of the pulled-back one (e.g. 24
+instead of 80 rows for 256 voxels, roi 96, overlap 0.25). ``order="compact_yz"`` groups axes 1 and 2 only (axis 0
+in MONAI's order). A contribution that reaches a cell before an earlier (MONAI-order) window waits, copied, in
+the cell's pending list, so per voxel the additions are still applied in MONAI's order: bit-identical.
+
+**Slabs.** :func:`sliding_window_stream` assembles the blocks into the rows of each axis-0 start and hands the
+slabs out strictly in row order. In ``compact`` order the last two axis-0 starts share their tiles: where axis 1
+or 2 holds two tiles or more, blocks of the last slab arrive before the slab before it is complete, so both are
+open together (a complete slab also waits for every slab before it). That can cost more than the smaller band
+saves, so with ``sw_batch_size`` 1 and no ``order`` the stream takes whichever of ``compact``, ``compact_yz``
+(one open slab, the pulled-back band) and ``monai`` has the smallest peak below (:func:`stream_order`; results are
+bit-identical in every order).
 
 **Memory (exact).** With ``a`` bytes per accumulator element (4 for float32, 2 for float16)::
 
@@ -37,15 +46,18 @@ in the cell's pending list, so per voxel the additions are still applied in MONA
                                                           # one less with inplace_weighting: see stitch_buffers)
          + [a == 2] · 4 · K · q                          # float32 quotient of a few rows of a cell (float16
                                                           # mode), q = rows·dy·dz ≤ max(65536, dy·dz)
-         + [slabs] · 4 · K · S · Y · Z                    # row slab assembled by sliding_window_stream
+         + [slabs] · 4 · K · S · Y · Z                    # row slabs assembled by sliding_window_stream
          + 3 · np.getbufsize() · 4                        # NumPy ufunc iteration buffers, 96 KiB
          + 128 · n_windows + 768 · max_live_cells          # Python bookkeeping (lists, dicts, array headers)
 
 ``live_voxels(i)`` is evaluated exactly by :func:`stitch_peak_bytes` (it replays the cell bookkeeping: cells are
 visited in the same order as the stitcher visits them, a cell counts from its first window to right after its
 last; in ``compact`` order a contribution that must wait for an earlier window adds ``a·K`` bytes per voxel of
-its cell until it is applied). Up to the small inner terms it is ``Ox·Y·Z + (rx−Ox)·Oy·Z + (rx−Ox)·(ry−Oy)·(Oz + rz)``. ``S`` is the
-most rows of one axis-0 start (``max(interval, last window)``); the ufunc term is an upper bound.
+its cell until it is applied). Up to the small inner terms it is
+``Ox·Y·Z + (rx−Ox)·Oy·Z + (rx−Ox)·(ry−Oy)·(Oz + rz)``. ``S`` is the
+most rows of slabs open at once, also replayed exactly: the most rows of one axis-0 start (``max(interval, last
+window)``), or in ``compact`` order with the last window pulled back and two tiles or more on axis 1 or 2 the rows
+of the last two starts together (``x_n − x_{n−1} + last window``); the ufunc term is an upper bound.
 Not counted: the input image and the arrays ``predict`` returns before they are weighted (with
 ``inplace_weighting`` the weighted batch *is* the returned array; a float16 output adds a float32 copy).
 The old single-level ring needed ``4·(K+1)·roi_x·Yp·Zp``; the full volume ``4·(K+1)·Xp·Yp·Zp``.
@@ -67,6 +79,7 @@ array it does not reuse afterwards (ONNX Runtime does).
 
 from __future__ import annotations
 
+import bisect
 import os
 import queue
 import threading
@@ -86,6 +99,7 @@ __all__ = [
     "sliding_window_full",
     "stitch_peak_bytes",
     "stitch_buffers",
+    "stream_order",
     "ufunc_scratch_bytes",
     "slab_bounds",
     "CellGrid",
@@ -102,6 +116,7 @@ QUOTIENT_CHUNK_VOXELS = 1 << 16
 BOOKKEEPING_PER_WINDOW = 128
 BOOKKEEPING_PER_CELL = 768
 SKIP_MARGIN = 10.0  # default logit gap background − other classes of a skipped window
+ORDERS = ("monai", "compact", "compact_yz")  # window orders (see the module docstring)
 
 
 def slab_bounds(plan: WindowPlan) -> list[tuple[int, int]]:
@@ -115,6 +130,55 @@ def _unpadded_rows(plan: WindowPlan, lo: int, hi: int) -> tuple[int, int]:
     low = plan.pads[0][0]
     x = plan.spatial_shape[0]
     return max(lo - low, 0), min(hi - low, x)
+
+
+def _slab_rows(plan: WindowPlan) -> list[tuple[int, int]]:
+    """Unpadded row ranges ``[lo, hi)`` of the slabs :func:`sliding_window_stream` hands out (the slabs of
+    :func:`slab_bounds` that hold unpadded rows), in row order."""
+    out = []
+    for lo, hi in slab_bounds(plan):
+        ulo, uhi = _unpadded_rows(plan, lo, hi)
+        if uhi > ulo:
+            out.append((ulo, uhi))
+    return out
+
+
+def _slab_peak_rows(grid: "CellGrid", order: Sequence[int]) -> int:
+    """Most rows of slabs :func:`sliding_window_stream` holds at once when windows are added in ``order``.
+
+    A slab (the rows of one axis-0 start ``ix``) receives blocks from the windows ``(ix, iy, iz)`` that are the
+    last window of some cell; it is allocated with its first block and freed once it is complete *and* every
+    slab before it has been handed out. In MONAI's order the slabs come one after another (the most rows of one
+    start); in ``compact`` order the last two axis-0 starts are visited together, tile by tile over axes 1/2,
+    so where those axes hold at least two tiles the last two slabs are open together."""
+    plan = grid.plan
+    has_final = [[any(grid.axes[d].last[c] == j for c, _, _ in grid.axes[d].per_start[j])
+                  for j in range(grid.counts[d])] for d in range(3)]
+    rows = []
+    for lo, hi in slab_bounds(plan):
+        ulo, uhi = _unpadded_rows(plan, lo, hi)
+        rows.append(max(uhi - ulo, 0))
+    yielding = [i for i in order if all(has_final[d][j] for d, j in enumerate(grid.window_index(i)))]
+    left = [0] * len(rows)
+    for i in yielding:
+        left[grid.window_index(i)[0]] += 1
+    nxt = 0
+    while nxt < len(rows) and left[nxt] == 0:  # slabs without unpadded rows
+        nxt += 1
+    opened: set = set()
+    cur = peak = 0
+    for i in yielding:
+        ix = grid.window_index(i)[0]
+        if ix not in opened:
+            opened.add(ix)
+            cur += rows[ix]
+            peak = max(peak, cur)
+        left[ix] -= 1
+        while nxt < len(rows) and left[nxt] == 0:
+            if nxt in opened:
+                cur -= rows[nxt]
+            nxt += 1
+    return peak
 
 
 # ---- cell geometry ----------------------------------------------------------------------------
@@ -188,18 +252,19 @@ class CellGrid:
         """Window processing order. ``monai``: C order. ``compact``: where MONAI pulls the last window of an axis
         back (its overlap with the previous one exceeds the others), the last two starts of that axis form one
         group; windows are visited group-tile by group-tile (C order over groups, then C order inside), which
-        keeps the live overlap band to the regular overlap. Additions stay in MONAI's order per voxel
-        (out-of-order contributions wait in the cell's pending list)."""
+        keeps the live overlap band to the regular overlap. ``compact_yz``: the same with axes 1 and 2 grouped
+        only (axis 0 in MONAI's order: one slab at a time, see :func:`sliding_window_stream`). Additions stay in
+        MONAI's order per voxel (out-of-order contributions wait in the cell's pending list)."""
         n = self.plan.n_windows
         if kind == "monai":
             return list(range(n))
-        if kind != "compact":
-            raise SpecError(f"window order must be 'monai' or 'compact', got {kind!r}")
+        if kind not in ORDERS:
+            raise SpecError(f"window order must be one of {', '.join(map(repr, ORDERS))}, got {kind!r}")
         groups = []
         for d in range(3):
             st, iv = self.plan.starts[d], self.plan.interval[d]
             g = list(range(len(st)))
-            if len(st) >= 2 and st[-1] - st[-2] < iv:
+            if len(st) >= 2 and st[-1] - st[-2] < iv and not (d == 0 and kind == "compact_yz"):
                 g[-1] = g[-2]
             groups.append(g)
 
@@ -288,31 +353,62 @@ def _accum(accum_dtype) -> type:
 def stitch_buffers(spatial_shape, spec: InferenceSpec, num_classes: int, in_channels: int = 1, *,
                    accum_dtype="float32", slabs: bool = False, threads: bool = False, skip: bool = False,
                    inplace_weighting: bool = False, order: str | None = None) -> dict[str, int]:
-    """The stitcher's buffers for a volume of ``spatial_shape``, in bytes, by term (see the module docstring)."""
+    """The stitcher's buffers for a volume of ``spatial_shape``, in bytes, by term (see the module docstring).
+
+    ``slabs=True`` with ``order=None``: the buffers of :func:`sliding_window_stream` in the order it chooses
+    (:func:`stream_order`)."""
+    return _buffers(spatial_shape, spec, num_classes, in_channels, accum_dtype=accum_dtype, slabs=slabs,
+                    threads=threads, skip=skip, inplace_weighting=inplace_weighting, order=order)[1]
+
+
+def stream_order(spatial_shape, spec: InferenceSpec, num_classes: int, accum_dtype="float32") -> str:
+    """The window order :func:`sliding_window_stream` uses when none is given.
+
+    With ``sw_batch_size`` 1 (where the order cannot change any result): of ``compact``, ``compact_yz`` and
+    ``monai`` the one whose peak (:func:`stitch_peak_bytes`, ``slabs=True``) is smallest, the first of them on
+    a tie. ``compact`` keeps the axis-0 overlap band small but can leave the last two slabs open together;
+    ``compact_yz`` keeps one slab open but holds the pulled-back axis-0 band. Otherwise MONAI's order."""
+    return _buffers(spatial_shape, spec, num_classes, 1, accum_dtype=accum_dtype, slabs=True)[0]
+
+
+def _buffers(spatial_shape, spec: InferenceSpec, num_classes: int, in_channels: int = 1, *,
+             accum_dtype="float32", slabs: bool = False, threads: bool = False, skip: bool = False,
+             inplace_weighting: bool = False, order: str | None = None) -> tuple[str, dict[str, int]]:
+    """``(order, buffers)``: see :func:`stitch_buffers`; ``order`` is the window order the terms are for."""
     plan = plan_windows(spatial_shape, spec)
     k, c, b = int(num_classes), int(in_channels), int(spec.sw_batch_size)
     a = np.dtype(_accum(accum_dtype)).itemsize
     win = int(np.prod(plan.roi_size))
     grid = CellGrid(plan)
     _, y, z = plan.spatial_shape
-    out = {
-        "cells": grid.simulate(grid.order(_order_kind(order, spec)), k * a + 4, a * k),
-        "importance_map": 4 * win,
-        "skip_constant": 4 * win if skip else 0,
-        "input_batches": (3 if threads else 1) * 4 * b * c * win,
-        # with inplace_weighting the first weighted batch is the backend's own output buffer (counted in its
-        # workspace, see segrt.engine.budget.measure_workspace); each further one in flight is extra
-        "weighted_batches": ((2 if threads else 1) - (1 if inplace_weighting else 0)) * 4 * b * k * win,
-        "fp16_quotient": 4 * k * _quotient_voxels(grid) if a == 2 else 0,
-        "slab": 0,
-        "ufunc_scratch": ufunc_scratch_bytes(),
-        # Python objects: window lists (~128 B per window) and per live cell its arrays' headers, lists, dict
-        "bookkeeping": BOOKKEEPING_PER_WINDOW * plan.n_windows + BOOKKEEPING_PER_CELL * grid.peak_live_cells,
-    }
-    if slabs:
-        rows = max(hi - lo for lo, hi in (_unpadded_rows(plan, s, e) for s, e in slab_bounds(plan)))
-        out["slab"] = 4 * k * rows * y * z
-    return out
+    if slabs and order is None and b == 1:
+        kinds = ("compact", "compact_yz", "monai")  # the stream's choice; "compact" wins ties
+    else:
+        kinds = (_order_kind(order, spec),)
+    best, seen = None, []
+    for kind in kinds:
+        seq = grid.order(kind)
+        if seq in seen:  # e.g. compact_yz is compact where the last axis-0 start is not pulled back
+            continue
+        seen.append(seq)
+        out = {
+            "cells": grid.simulate(seq, k * a + 4, a * k),
+            "importance_map": 4 * win,
+            "skip_constant": 4 * win if skip else 0,
+            "input_batches": (3 if threads else 1) * 4 * b * c * win,
+            # with inplace_weighting the first weighted batch is the backend's own output buffer (counted in its
+            # workspace, see segrt.engine.budget.measure_workspace); each further one in flight is extra
+            "weighted_batches": ((2 if threads else 1) - (1 if inplace_weighting else 0)) * 4 * b * k * win,
+            "fp16_quotient": 4 * k * _quotient_voxels(grid) if a == 2 else 0,
+            # the slabs sliding_window_stream holds at once (one, or the last two in compact order)
+            "slab": 4 * k * _slab_peak_rows(grid, seq) * y * z if slabs else 0,
+            "ufunc_scratch": ufunc_scratch_bytes(),
+            # Python objects: window lists (~128 B per window) and per live cell its arrays' headers, lists, dict
+            "bookkeeping": BOOKKEEPING_PER_WINDOW * plan.n_windows + BOOKKEEPING_PER_CELL * grid.peak_live_cells,
+        }
+        if best is None or sum(out.values()) < sum(best[1].values()):
+            best = (kind, out)
+    return best
 
 
 def stitch_peak_bytes(spatial_shape, spec: InferenceSpec, num_classes: int, in_channels: int = 1, *,
@@ -337,8 +433,8 @@ def _order_kind(order: str | None, spec: InferenceSpec) -> str:
     change any network output), MONAI's own order otherwise (its batches are kept as they are)."""
     if order is None:
         return "compact" if int(spec.sw_batch_size) == 1 else "monai"
-    if order not in ("monai", "compact"):
-        raise SpecError(f"window order must be 'monai' or 'compact', got {order!r}")
+    if order not in ORDERS:
+        raise SpecError(f"window order must be one of {', '.join(map(repr, ORDERS))}, got {order!r}")
     return order
 
 
@@ -703,44 +799,45 @@ def sliding_window_stream(image: np.ndarray, spec: InferenceSpec, predict: Predi
     of the unpadded volume (the rows of one axis-0 window start); slabs come in increasing ``x0`` and cover every
     row exactly once. The slab is assembled from :func:`sliding_window_blocks` (``kwargs`` are passed on);
     ``transform(block)`` (e.g. an in-place softmax) is applied to each block first. With identical network
-    outputs the concatenation is bit-identical to ``monai.inferers.sliding_window_inference``.
-    Peak memory: :func:`stitch_peak_bytes` (``slabs=True``).
+    outputs the concatenation is bit-identical to ``monai.inferers.sliding_window_inference``. Any window order
+    works: a slab whose blocks arrive early (``compact`` order) is held until every slab before it is out.
+    Without ``order`` the stream uses :func:`stream_order`. Peak memory: :func:`stitch_peak_bytes`
+    (``slabs=True``, the same ``order``).
     """
     image = _check_image(image)
     plan = plan_windows(image.shape[1:], spec)
     k = int(num_classes)
     _, y, z = plan.spatial_shape
-    groups = []
-    for lo, hi in slab_bounds(plan):
-        ulo, uhi = _unpadded_rows(plan, lo, hi)
-        if uhi > ulo:
-            groups.append((ulo, uhi))
-    gi = 0
-    slab = None
-    filled = 0
+    if kwargs.get("order") is None:
+        kwargs["order"] = stream_order(image.shape[1:], spec, k, kwargs.get("accum_dtype", "float32"))
+    groups = _slab_rows(plan)  # unpadded [lo, hi) of every slab, in row order
+    starts = [lo for lo, _ in groups]
+    open_slabs: dict[int, list] = {}  # slab index -> [buffer, voxels filled]
+    nxt = 0  # the next slab to hand out
     for (x0, y0, z0), block in sliding_window_blocks(image, spec, predict, num_classes, progress=progress,
                                                      **kwargs):
         if transform is not None:
             transform(block)
-        while gi < len(groups) and x0 >= groups[gi][1]:
-            gi += 1
-        if slab is None:
-            lo, hi = groups[gi]
-            slab = np.empty((k, hi - lo, y, z), dtype=np.float32)
-            filled = 0
-        lo, hi = groups[gi]
         dx, dy, dz = block.shape[1:]
-        if not (lo <= x0 and x0 + dx <= hi):
-            raise InferenceError(f"internal: block rows {x0}:{x0 + dx} outside slab {lo}:{hi}")
-        slab[:, x0 - lo:x0 - lo + dx, y0:y0 + dy, z0:z0 + dz] = block
-        filled += dx * dy * dz
-        del block
-        if filled == (hi - lo) * y * z:
-            out, slab = slab, None
-            yield lo, out
+        gi = bisect.bisect_right(starts, x0) - 1
+        lo, hi = groups[gi] if gi >= 0 else (0, 0)
+        inside = lo <= x0 and x0 + dx <= hi and 0 <= y0 and y0 + dy <= y and 0 <= z0 and z0 + dz <= z
+        if gi < nxt or not inside:
+            raise InferenceError(f"internal: block rows {x0}:{x0 + dx} outside the open slabs "
+                                 f"(next slab {groups[nxt] if nxt < len(groups) else None})")
+        st = open_slabs.get(gi)
+        if st is None:  # compact order: the last slab may start before the one before it is complete
+            st = open_slabs[gi] = [np.empty((k, hi - lo, y, z), dtype=np.float32), 0]
+        st[0][:, x0 - lo:x0 - lo + dx, y0:y0 + dy, z0:z0 + dz] = block
+        st[1] += dx * dy * dz
+        del block, st
+        # hand out every complete slab in row order (a complete slab waits for the ones before it)
+        while nxt in open_slabs and open_slabs[nxt][1] == (groups[nxt][1] - groups[nxt][0]) * y * z:
+            out = open_slabs.pop(nxt)[0]
+            yield groups[nxt][0], out
             del out
-            gi += 1
-    if slab is not None or gi != len(groups):
+            nxt += 1
+    if open_slabs or nxt != len(groups):
         raise InferenceError("internal: the stitcher ended before every row was final")
 
 
