@@ -50,12 +50,9 @@ needs_bf16 = pytest.mark.skipif(not _has_openvino_bf16(), reason="openvino with 
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory):
-    """wholebody_small at 32³ without CPU variants (fp32 only)."""
-    out = tmp_path_factory.mktemp("cpuv") / "plain"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Path(export(SMALL, out, random_init=True, overrides=OVERRIDES))
+def plain(exported):
+    """wholebody_small at 32³ without CPU variants (fp32 only); shared read-only (_with_gate copies it)."""
+    return exported(SMALL, random_init=True, overrides=OVERRIDES)
 
 
 def _with_gate(src: Path, dst: Path, passed: bool, reason: str | None = None) -> Artifact:

@@ -6,14 +6,23 @@ import pytest
 
 pytest.importorskip("monai")
 
-CASES = [("RAS", (1.5, 1.5, 1.5)), ("LPS", (1.5, 1.5, 1.5)), ("RAS", (0.9, 0.9, 3.0)), ("LPS", (1.1, 1.3, 2.5))]
+# By default: RAS isotropic and LPS anisotropic (both flips and resampling on every axis). Slow (run with -m slow):
+# the other two combinations, which exercise no code path the first two and tests/test_preprocess.py do not.
+CASES = [("RAS", (1.5, 1.5, 1.5)), pytest.param("LPS", (1.5, 1.5, 1.5), marks=pytest.mark.slow),
+         pytest.param("RAS", (0.9, 0.9, 3.0), marks=pytest.mark.slow), ("LPS", (1.1, 1.3, 2.5))]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(tmp_path_factory, demo_default_artifact):
+    """SEGRT_CACHE holding the demo artifact as ``segrt demo`` caches it: the session's export of the demo bundle
+    with the same (default) arguments, shared with test_memory_skip instead of exporting it again."""
+    from segrt.demo import DEMO_BUNDLE, _bundle_digest, demo_artifact
+
     mp = pytest.MonkeyPatch()
     d = tmp_path_factory.mktemp("cache")
+    (d / f"demo-artifact-{_bundle_digest(DEMO_BUNDLE)}").symlink_to(demo_default_artifact, target_is_directory=True)
     mp.setenv("SEGRT_CACHE", str(d))
+    assert demo_artifact(log=None).resolve() == demo_default_artifact.resolve()  # a cache hit, no export
     yield d
     mp.undo()
 

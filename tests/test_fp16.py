@@ -17,7 +17,6 @@ ort = pytest.importorskip("onnxruntime")
 from segrt.artifact import Artifact  # noqa: E402
 from segrt.engine.backends import OrtCpuBackend  # noqa: E402
 from segrt.errors import GateFailed  # noqa: E402
-from segrt.export import export  # noqa: E402
 from segrt.export import fp16 as f16  # noqa: E402
 from segrt.export.onnx import export_onnx  # noqa: E402
 
@@ -149,12 +148,8 @@ def test_ct_like_patches_follow_the_spec():
 
 
 @pytest.fixture(scope="module")
-def fp16_artifact(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp16") / "art"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Path(export(SMALL, out, random_init=True, overrides={"inferer#roi_size": [32, 32, 32]},
-                           variants=("fp32", "fp16")))
+def fp16_artifact(exported):
+    return exported(SMALL, random_init=True, overrides={"inferer#roi_size": [32, 32, 32]}, variants=("fp32", "fp16"))
 
 
 def test_export_fp16_variant(fp16_artifact):
