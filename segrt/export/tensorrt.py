@@ -1,10 +1,12 @@
 """Build a TensorRT (>= 10) plan from the artifact's fp32 ONNX: FP16 with normalisations pinned to fp32.
 
-NOT YET VERIFIED ON REAL TENSORRT: segrt's machines cannot install TensorRT; the builder is tested
-against a test double of TensorRT's Python API (``tests/tensorrt_double.py``) that records and checks
-what the builder is asked to do. Written from TensorRT 10's documented Python API (IBuilderConfig,
-Builder, OnnxParser, IOptimizationProfile, "Reduced Precision" / layer-level precision control of
-the developer guide, the 8.x → 10.x migration guide) - see the comments at each call.
+NOT VERIFIED ON REAL TENSORRT: segrt's machines have neither TensorRT nor a GPU. The tests run the
+builder against a recorder of TensorRT's Python API (``tests/tensorrt_double.py``) that builds nothing:
+they check what the builder asks for (flags, the layers pinned to fp32, the profile, the timing cache,
+the files written), not that TensorRT accepts it, nor the plan's accuracy - the export gate of the plan
+runs only on a GPU. Written from TensorRT 10's documented Python API (IBuilderConfig, Builder,
+OnnxParser, IOptimizationProfile, "Reduced Precision" / layer-level precision control of the
+developer guide, the 8.x → 10.x migration guide) - see the comments at each call.
 
 What is built:
 
@@ -21,6 +23,9 @@ What is built:
 * a timing cache (``create_timing_cache`` from the cache file's bytes, ``set_timing_cache``), written
   back after the build so rebuilds on the same GPU skip the tactic timing.
 
+The plan and the timing cache are written to a temporary file beside their path and renamed into
+place, so a failed write never leaves a truncated plan or cache behind.
+
 The returned manifest fields record the GPU name, compute capability and TensorRT version; the
 runtime (:mod:`segrt.engine.backends.tensorrt`) refuses the plan elsewhere.
 """
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +57,19 @@ def _gpu_identity() -> dict:
         return gpu_identity(0)
     except BackendUnavailable as exc:
         raise ExportError(f"building a TensorRT plan needs an NVIDIA GPU: {exc}") from None
+
+
+def _write_atomic(path: Path, data) -> None:
+    """Write ``data`` (a buffer) to a temporary file beside ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(data))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _is_pinned_name(layer_name: str, node_names: set[str]) -> bool:
@@ -83,8 +102,8 @@ def build_plan(onnx_path, plan_path, *, max_batch: int, in_channels: int, roi_si
     # TensorRT 10: networks are always explicit-batch; EXPLICIT_BATCH is deprecated and ignored, so no flag.
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    if hasattr(trt, "OnnxParserFlag") and hasattr(trt.OnnxParserFlag, "NATIVE_INSTANCENORM"):
-        parser.set_flag(trt.OnnxParserFlag.NATIVE_INSTANCENORM)
+    # TensorRT's own normalisation layer for InstanceNormalization (not the plugin): a layer the fp32 pins can reach
+    parser.set_flag(trt.OnnxParserFlag.NATIVE_INSTANCENORM)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ExportError(f"the TensorRT ONNX parser rejected {onnx_path}: " + "; ".join(errors[:5]))
@@ -125,14 +144,13 @@ def build_plan(onnx_path, plan_path, *, max_batch: int, in_channels: int, roi_si
         raise ExportError(f"TensorRT failed to build a plan from {onnx_path} (fp16={fp16}, "
                           f"{len(pinned)} layers pinned to fp32); see the TensorRT log above")
     plan_path = Path(plan_path)
-    with open(plan_path, "wb") as f:
-        f.write(memoryview(serialized))
+    try:
+        _write_atomic(plan_path, serialized)
+    except OSError as exc:
+        raise ExportError(f"could not write the TensorRT plan {plan_path}: {exc.strerror or exc}") from None
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(cache_path.name + f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(memoryview(config.get_timing_cache().serialize()))
-        os.replace(tmp, cache_path)
+        _write_atomic(cache_path, config.get_timing_cache().serialize())
     except OSError as exc:  # a cache we cannot write only costs time next build
         log.warning("could not write the TensorRT timing cache %s: %s", cache_path, exc)
     return {
