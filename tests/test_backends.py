@@ -1,13 +1,24 @@
-"""GPU backends and device selection: TensorRT (against tests/tensorrt_double.py), ORT-CUDA, torch-CUDA.
+"""GPU backends and device selection: TensorRT (against the recorder tests/tensorrt_double.py), ORT-CUDA, torch-CUDA.
 
 On a machine without a GPU these check the refusals, the auto order and its logged reasons, the
-torch program on the CPU, and the TensorRT builder / runtime against the TensorRT test double. The
+torch program on the CPU, and segrt's side of the TensorRT API against a recorder of its calls. The
 tests marked ``gpu`` run the real thing on a CUDA machine (skipped elsewhere by conftest.py).
+
+TensorRT here: ``tests/tensorrt_double.py`` records the builder and runtime calls and computes nothing,
+so these tests assert what segrt asks TensorRT for (flags, fp32 pins against the ONNX graph's
+normalisation regions, the optimisation profile, the timing cache, atomic files) and what it does with
+a plan's IO tensors and profile (batch bound, refusals, messages) - never an accuracy or a gate. NOT
+VERIFIED here: that real TensorRT accepts these calls, that its parser names layers after ONNX nodes,
+the plan's fp16 accuracy and its export gate, and the enqueue path on CUDA memory; only
+``test_gpu_real_tensorrt`` covers them, on a machine with a GPU and TensorRT (skipped elsewhere).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -21,13 +32,13 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import tensorrt_double  # noqa: E402
-from segrt.artifact import Artifact  # noqa: E402
+from segrt.artifact import Artifact, sha256_file, write_json_atomic  # noqa: E402
 from segrt.engine import backends as bk  # noqa: E402
 from segrt.engine.backends import OrtCpuBackend, select_backend  # noqa: E402
 from segrt.engine.backends import tensorrt as trt_backend  # noqa: E402
 from segrt.engine.backends.ort_cuda import OrtCudaBackend  # noqa: E402
 from segrt.engine.backends.torch_cuda import TorchCudaBackend  # noqa: E402
-from segrt.errors import BackendUnavailable, InferenceError  # noqa: E402
+from segrt.errors import BackendUnavailable, ExportError, InferenceError  # noqa: E402
 from segrt.export import export  # noqa: E402
 from segrt.export import tensorrt as trt_export  # noqa: E402
 from segrt.export.fp16 import FP16_MAX_ABS_REL, FP16_MIN_ARGMAX_AGREEMENT, find_norm_regions  # noqa: E402
@@ -40,11 +51,13 @@ OVERRIDES = {"inferer#roi_size": list(ROI), "inferer#sw_batch_size": 2}
 H100 = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 HAS_CUDA = torch.cuda.is_available()
 cpu_only = pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour of a machine without a GPU")
+FLOAT = tensorrt_double.DataType.FLOAT
+PROFILE = {"input": ((1, 1, *ROI), (2, 1, *ROI), (2, 1, *ROI))}  # batch 1..sw_batch_size at the roi
 
 
 def _real_tensorrt() -> bool:
     mod = sys.modules.get("tensorrt")
-    if mod is tensorrt_double:
+    if mod is not None and tensorrt_double.is_recorder(mod):
         return False
     try:
         import importlib.util
@@ -54,40 +67,54 @@ def _real_tensorrt() -> bool:
         return False
 
 
-class _Double:
-    """The TensorRT double installed, on a fake H100, plans run on host memory."""
+def _recorder(mp: pytest.MonkeyPatch, gpu=H100, version="10.3.0", **kw) -> tensorrt_double.Recorder:
+    """The TensorRT recorder as ``tensorrt``, on a machine that reports ``gpu`` (the one hardware query)."""
+    rec = tensorrt_double.install(mp, version, **kw)
+    mp.setattr(trt_backend, "gpu_identity", lambda device_index=0: dict(gpu))
+    return rec
 
-    def __init__(self, mp: pytest.MonkeyPatch, gpu=H100, version="10.3.0"):
-        mp.setitem(sys.modules, "tensorrt", tensorrt_double)  # restored (removed) by mp at the end
-        self.mod = tensorrt_double.install(version)
-        mp.setattr(trt_export, "_gpu_identity", lambda: dict(gpu))
-        mp.setattr(trt_backend, "gpu_identity", lambda device_index=0: dict(gpu))
-        mp.setattr(trt_backend, "_DEFAULT_DEVICE", "cpu")
 
-    @property
-    def calls(self):
-        return tensorrt_double.CALLS
+def _norm_layers(model) -> set[str]:
+    """From the ONNX graph alone: the nodes of its normalisation regions with a float output (the shape
+    arithmetic of a region has none), and every InstanceNormalization node."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    elem = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    region = {n for r in find_norm_regions(model) for n in r.nodes}
+    return ({n.name for n in model.graph.node if n.name in region and any(elem.get(o) in floats for o in n.output)}
+            | {n.name for n in model.graph.node if n.op_type == "InstanceNormalization"})
+
+
+def _add_recorded_plan(root: Path, mp: pytest.MonkeyPatch, cache: Path) -> tensorrt_double.Recorder:
+    """Build a plan against the recorder into the artifact and record it in the manifest as export does
+    (segrt.export._extra_variants) - without the gate, which runs the plan and so needs a GPU."""
+    rec = _recorder(mp)
+    a = Artifact.load(root)
+    names = [n for r in find_norm_regions(onnx.load(str(root / "model_fp32.onnx"))) for n in r.nodes]
+    info = trt_export.build_plan(root / "model_fp32.onnx", root / "model.plan", max_batch=a.spec.inference.sw_batch_size,
+                                 in_channels=a.spec.in_channels, roi_size=a.spec.inference.roi_size, fp16=True,
+                                 fp32_node_names=names, input_name="input", timing_cache=cache)
+    manifest = dict(a.manifest)
+    manifest["models"] = {**manifest["models"], "tensorrt": {
+        "path": "model.plan", "sha256": sha256_file(root / "model.plan"), **info, "output_name": "output"}}
+    write_json_atomic(root / "manifest.json", manifest)
+    return rec
 
 
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):
-    """wholebody_small (32³, batch 2) with fp16 ONNX, torch program and a plan built by the double."""
+    """wholebody_small (32³, batch 2) with fp16 ONNX and torch program, plus a plan built against the recorder.
+
+    Returns (artifact, the recorder of the plan's build, the timing cache file).
+    """
     out = tmp_path_factory.mktemp("gpuart") / "art"
     cache = out.parent / "timing.cache"
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _Double(mp)
         path = export(SMALL, out, random_init=True, overrides=OVERRIDES, variants=("fp32", "fp16"),
-                      torch_program=True, tensorrt=True, trt_timing_cache=cache)
-        calls = list(tensorrt_double.CALLS)
-    return Artifact.load(path), calls, cache
-
-
-@pytest.fixture
-def double(monkeypatch):
-    d = _Double(monkeypatch)
-    yield d
-    tensorrt_double.uninstall()
+                      torch_program=True)
+        rec = _add_recorded_plan(path, mp, cache)
+    return Artifact.load(path), rec, cache
 
 
 def _batch(n, seed=0):
@@ -98,6 +125,18 @@ def _close(ref, got, rel):
     return float(np.abs(ref - got).max()) <= rel * max(1.0, float(np.abs(ref).max()))
 
 
+def _tiny_onnx(path: Path, roi=(8, 8, 8)) -> Path:
+    """input (batch, 1, *roi) → Identity → output: an ONNX file for the parser to be pointed at."""
+    from onnx import TensorProto, helper
+
+    shape = ["batch", 1, *roi]
+    g = helper.make_graph([helper.make_node("Identity", ["input"], ["output"], name="id")], "tiny",
+                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # artifact contents
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +145,8 @@ def test_export_records_every_variant(art):
     a, _, _ = art
     m = a.manifest
     assert list(m["models"]) == ["fp32", "fp16", "torch", "tensorrt"]
-    assert all(m["gate"][v]["passed"] for v in m["models"])
+    assert all(m["gate"][v]["passed"] for v in ("fp32", "fp16", "torch"))
+    assert "tensorrt" not in m["gate"]  # the fixture's plan: its gate needs a GPU (see the module docstring)
     t = m["models"]["torch"]
     assert t["format"] == "torch.export" and t["path"] == "model_torch.pt2" and t["check_max_abs_diff"] <= 1e-4
     p = m["models"]["tensorrt"]
@@ -114,74 +154,229 @@ def test_export_records_every_variant(art):
     assert (p["gpu_name"], p["compute_capability"], p["tensorrt_version"]) == (
         H100["gpu_name"], "9.0", "10.3.0")
     assert p["profile"] == {"min": [1, 1, *ROI], "opt": [2, 1, *ROI], "max": [2, 1, *ROI]}
-    assert p["precision"].startswith("fp16")
+    assert p["precision"] == "fp16 (normalisation layers fp32)" and p["max_batch"] == 2
 
 
 # ---------------------------------------------------------------------------------------------
-# TensorRT builder and runtime, against the double
+# TensorRT builder, against the recorder: what segrt asks for
 # ---------------------------------------------------------------------------------------------
 
 def test_plan_builder_asks_for_fp16_with_norms_pinned_fp32(art):
-    a, calls, cache = art
-    flags = [c[1].name for c in calls if c[0] == "config.set_flag"]
-    assert "FP16" in flags and "OBEY_PRECISION_CONSTRAINTS" in flags
-    assert ("parser.set_flag", tensorrt_double.OnnxParserFlag.NATIVE_INSTANCENORM) in calls
-    assert ("builder.create_network", 0) in calls  # TensorRT 10: no EXPLICIT_BATCH flag
-    # every normalisation layer, and every layer made from a node of a normalisation region, is pinned
+    a, rec, cache = art
+    (build,) = rec.builds
+    # TensorRT 10 networks are explicit-batch: no EXPLICIT_BATCH flag (deprecated), and not STRONGLY_TYPED
+    # (a strongly typed network ignores the precision constraints below)
+    assert build["network_flags"] == 0
+    # the parser was told to emit TensorRT's own normalisation layer before it parsed
+    (parsed,) = rec.called("parser.parse_from_file")
+    assert parsed == (str(a.root / "model_fp32.onnx"), frozenset({tensorrt_double.OnnxParserFlag.NATIVE_INSTANCENORM}))
+    assert build["config_flags"] == {"FP16", "OBEY_PRECISION_CONSTRAINTS"}
+    # the layers pinned to fp32 are those of the ONNX graph's normalisation regions, computed here from the graph
     fp32 = onnx.load(str(a.root / "model_fp32.onnx"))
-    regions = find_norm_regions(fp32)
-    region_nodes = {n for r in regions for n in r.nodes}
     norm_nodes = {n.name for n in fp32.graph.node if n.op_type == "InstanceNormalization"}
-    assert len(norm_nodes) == 25 and norm_nodes <= region_nodes
-    pinned = {c[1] for c in calls if c[0] == "layer.precision" and c[2] == tensorrt_double.float32}
-    typed = {c[1] for c in calls if c[0] == "layer.set_output_type" and c[3] == tensorrt_double.float32}
-    assert pinned == region_nodes and typed == region_nodes
-    assert not any(c[0] == "layer.precision" and c[2] != tensorrt_double.float32 for c in calls)
-    assert set(a.model_entry("tensorrt")["fp32_layers"]) == region_nodes
-    # the optimisation profile covers batch 1..sw_batch_size at the roi
-    (prof,) = [c[1] for c in calls if c[0] == "config.add_optimization_profile"]
-    assert prof == {"input": ((1, 1, *ROI), (2, 1, *ROI), (2, 1, *ROI))}
-    # a timing cache was used (empty at first) and written back
-    assert ("config.create_timing_cache", 0) in calls and ("config.set_timing_cache", False) in calls
-    assert cache.is_file() and cache.stat().st_size > 0
+    expected = _norm_layers(fp32)
+    assert len(norm_nodes) == 25 and norm_nodes < expected
+    assert set(build["precision"]) == expected and set(build["precision"].values()) == {FLOAT}
+    assert build["output_types"] == {name: {0: FLOAT} for name in expected}  # each output of each pinned layer
+    assert all(build["layers"][n][0] == tensorrt_double.LayerType.NORMALIZATION for n in norm_nodes)
+    assert set(a.model_entry("tensorrt")["fp32_layers"]) == expected
+    # one profile on the ONNX graph's input: batch 1..sw_batch_size at the roi, tuned for the largest batch
+    assert [i.name for i in fp32.graph.input] == ["input"]
+    assert build["profiles"] == [PROFILE]
+    # the timing cache: loaded (empty: no file yet), strict about mismatches, written back after the build
+    assert build["timing_cache"] == {"loaded": b"", "ignore_mismatch": False}
+    assert cache.read_bytes() == rec.timing_cache_written[-1]
+    # the plan file is what the builder returned, and no temporary file is left beside it or the cache
+    assert (a.root / "model.plan").read_bytes() == rec.plans[0]
+    assert not [p for d in (a.root, cache.parent) for p in d.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_timing_cache_is_reused(art, double, tmp_path):
+def test_plan_builder_pins_layers_by_node_name_and_normalisation_type(tmp_path, monkeypatch):
+    """Which layers segrt pins, on a network given to the recorder layer by layer."""
+    layers = [
+        ("/n/Reshape", "SHUFFLE", ["FLOAT"]),                    # a region node: pinned
+        ("/n/Reshape_1", "SHUFFLE", ["FLOAT"]),                  # the parser's second layer for that node: pinned
+        ("/n/Reshape_x", "SHUFFLE", ["FLOAT"]),                  # not a suffix the parser makes: not pinned
+        ("/n/Shape", "SHAPE", ["INT64"]),                        # shape arithmetic of a region: nothing to pin
+        ("/n/Mixed", "SHUFFLE", ["FLOAT", "INT64"]),             # pinned; only its float output is typed
+        ("/n/InstanceNormalization", "NORMALIZATION", ["FLOAT"]),
+        ("/other/norm", "NORMALIZATION", ["FLOAT"]),             # a normalisation layer outside the names: pinned
+        ("/conv/Conv", "CONVOLUTION", ["FLOAT"]),                # outside: fp16
+    ]
+    names = ["/n/Reshape", "/n/Shape", "/n/Mixed", "/n/InstanceNormalization"]
+    onnx_path = _tiny_onnx(tmp_path / "m.onnx")
+    rec = _recorder(monkeypatch, layers=layers)
+    info = trt_export.build_plan(onnx_path, tmp_path / "m.plan", max_batch=3, in_channels=1, roi_size=(8, 8, 8),
+                                 fp32_node_names=names, timing_cache=tmp_path / "cache")
+    pinned = ["/n/Reshape", "/n/Reshape_1", "/n/Mixed", "/n/InstanceNormalization", "/other/norm"]
+    (build,) = rec.builds
+    assert build["precision"] == dict.fromkeys(pinned, FLOAT)
+    assert build["output_types"] == {n: {0: FLOAT} for n in pinned}
+    assert info["fp32_layers"] == pinned
+    assert build["profiles"] == [{"input": ((1, 1, 8, 8, 8), (3, 1, 8, 8, 8), (3, 1, 8, 8, 8))}]
+    # fp16=False: an fp32 plan - no reduced-precision flag, nothing pinned
+    rec = _recorder(monkeypatch, layers=layers)
+    info = trt_export.build_plan(onnx_path, tmp_path / "m32.plan", max_batch=1, in_channels=1, roi_size=(8, 8, 8),
+                                 fp16=False, fp32_node_names=names, timing_cache=tmp_path / "cache")
+    (build,) = rec.builds
+    assert build["config_flags"] == set() and build["precision"] == {} and build["output_types"] == {}
+    assert info["precision"] == "fp32" and info["fp32_layers"] == []
+
+
+def test_export_builds_the_plan_and_gates_it_before_publishing(tmp_path, monkeypatch):
+    """export(tensorrt=True): the build request made from the exported ONNX, then the gate runs the plan through the
+    TensorRT backend before anything is published. The gate needs a GPU: here the backend's ``infer`` is replaced
+    by one that stops the export, so the test checks that it was reached, and that nothing was published."""
+    rec = _recorder(monkeypatch)
+
+    class GateNeedsAGpu(Exception):
+        pass
+
+    reached = []
+
+    def infer(self, batch):
+        reached.append((self, batch.shape))
+        raise GateNeedsAGpu
+
+    monkeypatch.setattr(trt_backend.TensorRTBackend, "infer", infer)
+    with warnings.catch_warnings(), pytest.raises(GateNeedsAGpu):
+        warnings.simplefilter("ignore")
+        export(SMALL, tmp_path / "art", random_init=True, overrides=OVERRIDES, tensorrt=True, gate_samples=1,
+               trt_timing_cache=tmp_path / "timing.cache")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["timing.cache"]  # no artifact, no temporary directory
+    (build,) = rec.builds
+    (model_bytes,) = rec.parsed_models
+    assert set(build["precision"]) == _norm_layers(onnx.load_from_string(model_bytes))
+    assert build["profiles"] == [PROFILE] and build["config_flags"] == {"FP16", "OBEY_PRECISION_CONSTRAINTS"}
+    # the gate ran the backend of the plan just built, a batch of 2 at a time
+    (backend, shape), = reached
+    assert rec.called("runtime.deserialize_cuda_engine") == [(rec.plans[0],)]
+    assert (backend.input_name, backend.output_name, backend.max_batch) == ("input", "output", 2)
+    assert shape == (2, 1, *ROI)
+
+
+def test_timing_cache_is_reused(art, tmp_path, monkeypatch):
     a, _, cache = art
-    names = a.model_entry("tensorrt")["fp32_layers"]
-    before = cache.stat().st_size
-    assert before > 0
+    before = cache.read_bytes()
+    rec = _recorder(monkeypatch)
     info = trt_export.build_plan(a.root / "model_fp32.onnx", tmp_path / "p.plan", max_batch=2, in_channels=1,
-                                 roi_size=ROI, fp32_node_names=names, timing_cache=cache)
-    sizes = [c[1] for c in double.calls if c[0] == "config.create_timing_cache"]
-    assert sizes == [before]  # the cache of the first build was loaded
+                                 roi_size=ROI, fp32_node_names=a.model_entry("tensorrt")["fp32_layers"],
+                                 timing_cache=cache)
+    assert rec.called("config.create_timing_cache") == [(before,)]  # the first build's cache was loaded
+    (build,) = rec.builds
+    assert build["timing_cache"] == {"loaded": before, "ignore_mismatch": False}
+    assert cache.read_bytes() == rec.timing_cache_written[-1] != before  # and the updated one written back
     assert info["timing_cache"] == str(cache)
 
 
-def test_plan_builder_refuses_without_tensorrt(art, tmp_path, monkeypatch):
-    a, _, _ = art
+def test_unwritable_timing_cache_only_warns(tmp_path, monkeypatch, caplog):
+    (tmp_path / "file").write_text("")
+    rec = _recorder(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        trt_export.build_plan(_tiny_onnx(tmp_path / "m.onnx"), tmp_path / "m.plan", max_batch=1, in_channels=1,
+                              roi_size=(8, 8, 8), timing_cache=tmp_path / "file" / "cache")
+    assert (tmp_path / "m.plan").read_bytes() == rec.plans[0]
+    assert "could not write the TensorRT timing cache" in caplog.text
+
+
+def test_plan_is_written_atomically(tmp_path, monkeypatch):
+    """A failed build or a failed write leaves an existing plan as it was, and no temporary file."""
+    onnx_path = _tiny_onnx(tmp_path / "m.onnx")
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"the previous plan")
+    kw = dict(max_batch=1, in_channels=1, roi_size=(8, 8, 8), timing_cache=tmp_path / "cache")
+    _recorder(monkeypatch, build_fails=True)
+    with pytest.raises(ExportError, match="TensorRT failed to build a plan"):
+        trt_export.build_plan(onnx_path, plan, **kw)
+    assert plan.read_bytes() == b"the previous plan"
+
+    def replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    _recorder(monkeypatch)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(ExportError, match="could not write the TensorRT plan .*No space left"):
+        trt_export.build_plan(onnx_path, plan, **kw)
+    monkeypatch.undo()
+    assert plan.read_bytes() == b"the previous plan"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.plan"]
+
+
+def test_plan_builder_refusals(tmp_path, monkeypatch):
+    onnx_path = _tiny_onnx(tmp_path / "m.onnx")
+    kw = dict(max_batch=1, in_channels=1, roi_size=(8, 8, 8), timing_cache=tmp_path / "cache")
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt raises ImportError
-    from segrt.errors import ExportError
-
     with pytest.raises(ExportError, match="TensorRT is not installed"):
-        trt_export.build_plan(a.root / "model_fp32.onnx", tmp_path / "x.plan", max_batch=2, in_channels=1,
-                              roi_size=ROI)
+        trt_export.build_plan(onnx_path, tmp_path / "x.plan", **kw)
+    _recorder(monkeypatch, version="8.6.1")
+    with pytest.raises(ExportError, match=r"TensorRT >= 10, this machine has 8\.6\.1"):
+        trt_export.build_plan(onnx_path, tmp_path / "x.plan", **kw)
+    _recorder(monkeypatch)
+    with pytest.raises(ExportError, match="max_batch must be >= 1"):
+        trt_export.build_plan(onnx_path, tmp_path / "x.plan", **{**kw, "max_batch": 0})
+    _recorder(monkeypatch, parse_errors=["no importer for op Foo (node n1)"])
+    with pytest.raises(ExportError, match="parser rejected .*no importer for op Foo"):
+        trt_export.build_plan(onnx_path, tmp_path / "x.plan", **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-def test_tensorrt_backend_runs_the_plan(art, double):
+@cpu_only
+def test_plan_builder_needs_a_gpu(tmp_path, monkeypatch):
+    tensorrt_double.install(monkeypatch)  # TensorRT importable, and the real GPU query: there is no GPU here
+    with pytest.raises(ExportError, match="building a TensorRT plan needs an NVIDIA GPU"):
+        trt_export.build_plan(_tiny_onnx(tmp_path / "m.onnx"), tmp_path / "x.plan", max_batch=1, in_channels=1,
+                              roi_size=(8, 8, 8), timing_cache=tmp_path / "cache")
+    assert not (tmp_path / "x.plan").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT runtime, against the recorder: reading the plan back, refusals, input checks
+# ---------------------------------------------------------------------------------------------
+
+def test_tensorrt_backend_reads_the_plan(art, monkeypatch):
     a, _, _ = art
-    with select_backend(a, "auto")[0] as b, OrtCpuBackend.from_artifact(a, "fp32", threads=1) as ref:
+    rec = _recorder(monkeypatch)
+    with select_backend(a, "auto")[0] as b:
         assert b.name == "tensorrt" and b.device == "cuda" and b.threads is None
-        x = _batch(3)  # 3 > max batch 2: two enqueues
-        out = b.infer(x)
-        np.testing.assert_allclose(out, ref.infer(x), rtol=0, atol=1e-5)
-        t = b.infer_torch(torch.from_numpy(_batch(1, 4)))
-        assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) == (1, 6, *ROI)
-    shapes = [c[2] for c in double.calls if c[0] == "context.set_input_shape"]
-    assert shapes[:2] == [(2, 1, *ROI), (1, 1, *ROI)]
-    addr = [c for c in double.calls if c[0] == "context.set_tensor_address"]
-    assert {c[1] for c in addr} == {"input", "output"}
-    assert sum(c[0] == "context.execute_async_v3" for c in double.calls) == 3
+        assert rec.called("runtime.deserialize_cuda_engine") == [((a.root / "model.plan").read_bytes(),)]
+        assert (b.input_name, b.output_name) == ("input", "output")
+        assert rec.called("engine.get_tensor_profile_shape") == [("input", 0)]
+        assert b.profile_batch == (1, 2) and b.max_batch == 2
+        assert rec.called("engine.create_execution_context") == [()]
+        # the input checks come before anything is enqueued (the enqueue itself needs CUDA: unverified here)
+        with pytest.raises(InferenceError, match=r"input is on cpu, the plan runs on cuda:0"):
+            b.infer_torch(torch.from_numpy(_batch(1)))
+        with pytest.raises(InferenceError, match=r"shape \(B, 1, 32, 32, 32\), got \(1, 1, 8, 8, 8\)"):
+            b.infer_torch(torch.zeros(1, 1, 8, 8, 8))
+        with pytest.raises(InferenceError, match=r"shape \(B, 1, 32, 32, 32\)"):
+            b.infer(np.zeros((2, 1, 16, 32, 32), np.float32))
+
+
+def test_tensorrt_batch_bound_and_window_come_from_the_plan(art, tmp_path, monkeypatch):
+    a, _, _ = art
+    entry = dict(a.model_entry("tensorrt"))  # the manifest says max_batch 2: the plan's profile decides
+    onnx_path = a.root / "model_fp32.onnx"
+    kw = dict(in_channels=1, roi_size=ROI, timing_cache=tmp_path / "cache")
+    _recorder(monkeypatch)
+    trt_export.build_plan(onnx_path, tmp_path / "b3.plan", max_batch=3, **kw)
+    with trt_backend.TensorRTBackend(tmp_path / "b3.plan", entry, 1, 6, ROI) as b:
+        assert b.profile_batch == (1, 3) and b.max_batch == 3
+    with trt_backend.TensorRTBackend(tmp_path / "b3.plan", entry, 1, 6, ROI, 2) as b:
+        assert b.max_batch == 2
+    with pytest.raises(BackendUnavailable, match=r"profile stops at batch 3 .*gpu_batch=4"):
+        trt_backend.TensorRTBackend(tmp_path / "b3.plan", entry, 1, 6, ROI, 4)
+    # a plan whose profile is for other windows than the artifact's spec
+    trt_export.build_plan(onnx_path, tmp_path / "r16.plan", max_batch=2, **{**kw, "roi_size": (16, 16, 16)})
+    with pytest.raises(BackendUnavailable, match=r"takes inputs \(1, 1, 16, 16, 16\) to \(2, 1, 16, 16, 16\).*"
+                                                 r"needs windows \(B, 1, 32, 32, 32\)"):
+        trt_backend.TensorRTBackend(tmp_path / "r16.plan", entry, 1, 6, ROI)
+    # the manifest names another input than the plan's
+    with pytest.raises(BackendUnavailable, match=r"plan's input is 'input', the manifest says 'x'"):
+        trt_backend.TensorRTBackend(tmp_path / "b3.plan", {**entry, "input_name": "x"}, 1, 6, ROI)
+    # bytes TensorRT cannot deserialize (it returns None)
+    (tmp_path / "bad.plan").write_bytes(b"not a plan")
+    with pytest.raises(BackendUnavailable, match="could not deserialize the plan"):
+        trt_backend.TensorRTBackend(tmp_path / "bad.plan", entry, 1, 6, ROI)
 
 
 @pytest.mark.parametrize("gpu,version,needle", [
@@ -191,25 +386,23 @@ def test_tensorrt_backend_runs_the_plan(art, double):
 ])
 def test_plan_for_another_gpu_or_version_is_refused(art, monkeypatch, gpu, version, needle):
     a, _, _ = art
-    _Double(monkeypatch, gpu=gpu, version=version)
-    try:
-        with pytest.raises(BackendUnavailable, match="plan was built for") as ei:
-            select_backend(a, "tensorrt")
-        assert needle in str(ei.value) and "rebuild" in str(ei.value)
-        # auto says why it passed the plan over, and falls through to the next backend
-        b, reason = select_backend(a, "auto")
-        with b:
-            assert b.name != "tensorrt"
-            assert "tensorrt: the artifact's TensorRT plan was built for" in reason
-    finally:
-        tensorrt_double.uninstall()
+    rec = _recorder(monkeypatch, gpu=gpu, version=version)
+    with pytest.raises(BackendUnavailable, match="plan was built for") as ei:
+        select_backend(a, "tensorrt")
+    assert needle in str(ei.value) and "rebuild" in str(ei.value)
+    assert rec.called("runtime.deserialize_cuda_engine") == []  # refused before the plan is loaded
+    # auto says why it passed the plan over, and falls through to the next backend
+    b, reason = select_backend(a, "auto")
+    with b:
+        assert b.name != "tensorrt"
+        assert "tensorrt: the artifact's TensorRT plan was built for" in reason
 
 
-def test_gpu_batch_reaches_the_backend_or_is_refused_with_the_reason(art, double):
+def test_gpu_batch_reaches_the_backend_or_is_refused_with_the_reason(art, monkeypatch):
     a, _, _ = art
+    _recorder(monkeypatch)
     with select_backend(a, "tensorrt", gpu_batch=1)[0] as b:  # within the plan's profile 1..2
         assert b.max_batch == 1
-        assert b.infer(_batch(3)).shape == (3, 6, *ROI)
     with pytest.raises(BackendUnavailable, match=r"profile stops at batch 2 .* gpu_batch=4"):
         select_backend(a, "tensorrt", gpu_batch=4)
     for bad in (0, -1, 2.5, True, "4"):
@@ -217,10 +410,21 @@ def test_gpu_batch_reaches_the_backend_or_is_refused_with_the_reason(art, double
             select_backend(a, "auto", gpu_batch=bad)
 
 
-def test_fp32_variant_refuses_the_fp16_plan(art, double):
+def test_fp32_variant_refuses_the_fp16_plan(art, monkeypatch):
     a, _, _ = art
+    _recorder(monkeypatch)
     with pytest.raises(BackendUnavailable, match="fp16"):
         select_backend(a, "tensorrt", variant="fp32")
+
+
+def test_tensorrt_backend_needs_tensorrt_10(art, monkeypatch):
+    a, _, _ = art
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(BackendUnavailable, match="tensorrt is not installed"):
+        select_backend(a, "tensorrt")
+    _recorder(monkeypatch, version="8.6.1")
+    with pytest.raises(BackendUnavailable, match=r"TensorRT >= 10, this machine has 8\.6\.1"):
+        select_backend(a, "tensorrt")
 
 
 # ---------------------------------------------------------------------------------------------

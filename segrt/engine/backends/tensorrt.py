@@ -1,14 +1,19 @@
 """TensorRT (>= 10) runtime: a serialized plan built by :mod:`segrt.export.tensorrt`.
 
-NOT YET VERIFIED ON REAL TENSORRT: segrt's machines cannot install TensorRT, so this backend is
-tested against a test double of TensorRT's Python API (``tests/tensorrt_double.py``) that checks
-the calls made. It follows TensorRT 10's documented name-based tensor API ("Migrating Python Code
-from TensorRT 8.x to 10.x": ``num_io_tensors`` / ``get_tensor_name`` / ``get_tensor_mode``,
+NOT VERIFIED ON REAL TENSORRT: segrt's machines have neither TensorRT nor a GPU. The tests run this
+backend against a recorder of TensorRT's Python API (``tests/tensorrt_double.py``) that executes
+nothing: they check how the plan's IO tensors and optimisation profile are read back, the refusals
+and the input checks - not the enqueue path, which needs CUDA memory. It follows TensorRT 10's
+documented name-based tensor API ("Migrating Python Code from TensorRT 8.x to 10.x":
+``num_io_tensors`` / ``get_tensor_name`` / ``get_tensor_mode``, ``get_tensor_profile_shape``,
 ``set_input_shape``, ``set_tensor_address`` then ``execute_async_v3(stream)``).
 
 A plan only runs on the GPU model and the TensorRT version it was built with: the manifest records
 the GPU name, its compute capability and the TensorRT version, and the backend refuses (with
 :class:`BackendUnavailable`) a plan whose record does not match this machine, naming both sides.
+
+The batch per enqueue is bounded by the plan itself: the batch range of its optimisation profile
+(``get_tensor_profile_shape``), whose window shape must be the artifact's ``(in_channels, *roi)``.
 
 Inference runs on torch CUDA tensors: the input's and a fresh output's ``data_ptr()`` are bound
 with ``set_tensor_address``, the plan is enqueued on torch's current CUDA stream.
@@ -26,9 +31,6 @@ from segrt.errors import BackendUnavailable, InferenceError
 __all__ = ["TensorRTBackend", "gpu_identity", "check_plan_compatible"]
 
 log = logging.getLogger("segrt")
-
-# "cuda"; the tests set "cpu" to run the plan of the TensorRT test double on host memory
-_DEFAULT_DEVICE = "cuda"
 
 
 def gpu_identity(device_index: int = 0) -> dict:
@@ -77,22 +79,25 @@ def check_plan_compatible(entry: dict, here: dict, trt_version: str) -> None:
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, plan_path, entry: dict, in_channels, num_classes, roi_size, max_batch, *,
-                 device_index: int = 0, _device: str | None = None):
-        """``_device="cpu"`` exists for the test double only (CPU tensors, stream handle 0)."""
-        super().__init__(in_channels, num_classes, roi_size, max_batch)
+    def __init__(self, plan_path, entry: dict, in_channels, num_classes, roi_size, max_batch: int | None = None,
+                 *, device_index: int = 0):
+        """Load a plan on CUDA device ``device_index``.
+
+        ``max_batch``: windows per enqueue; default, and at most, the largest batch of the plan's optimisation
+        profile (a larger one is refused with :class:`BackendUnavailable`).
+        """
         trt = _import_tensorrt()
         try:
             import torch
         except ImportError as exc:
             raise BackendUnavailable(f"the TensorRT backend runs on torch CUDA tensors; torch is not "
                                      f"importable: {exc}") from None
-        _device = _device or _DEFAULT_DEVICE
+        check_plan_compatible(entry, gpu_identity(device_index), trt.__version__)
+        super().__init__(in_channels, num_classes, roi_size, 1)  # max_batch: from the plan's profile, below
         self.torch = torch
         self.threads = None
         self.device = "cuda"
-        self._dev = torch.device(f"cuda:{device_index}" if _device == "cuda" else _device)
-        check_plan_compatible(entry, gpu_identity(device_index), trt.__version__)
+        self._dev = torch.device(f"cuda:{device_index}")
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -114,31 +119,34 @@ class TensorRTBackend(Backend):
         if want_in != self.input_name:
             raise BackendUnavailable(f"the TensorRT plan's input is {self.input_name!r}, the manifest says "
                                      f"{want_in!r}")
-        self.max_batch = min(self.max_batch, int(entry.get("max_batch", self.max_batch)))
+        lo, _, hi = (tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
+        window = (self.in_channels, *self.roi_size)
+        if lo[1:] != window or hi[1:] != window:
+            raise BackendUnavailable(f"the TensorRT plan's optimisation profile takes inputs {lo} to {hi}; the "
+                                     f"artifact's spec needs windows (B, {', '.join(map(str, window))}) - rebuild "
+                                     f"the plan")
+        self.profile_batch = (lo[0], hi[0])
+        if max_batch is None:
+            max_batch = hi[0]
+        if not lo[0] <= int(max_batch) <= hi[0]:
+            raise BackendUnavailable(f"the TensorRT plan's optimisation profile stops at batch {hi[0]} (fixed at "
+                                     f"export, from batch {lo[0]}); gpu_batch={max_batch} needs a plan built for it")
+        self.max_batch = int(max_batch)
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise BackendUnavailable("TensorRT could not create an execution context (out of GPU memory?)")
 
     @classmethod
     def from_artifact(cls, artifact, **kw) -> "TensorRTBackend":
+        """``max_batch`` (gpu_batch): windows per enqueue, at most (and by default) the plan profile's batch."""
         if "tensorrt" not in artifact.variants:
             raise BackendUnavailable(f"artifact {str(artifact.root)!r} has no TensorRT plan (export it on "
                                      f"the target GPU with tensorrt=True / --tensorrt)")
         entry = artifact.model_entry("tensorrt")
         spec = artifact.spec
-        profile_max = int(entry.get("max_batch", spec.inference.sw_batch_size))
-        asked = kw.pop("max_batch", None)  # gpu_batch: at most what the plan's profile was built for
-        if asked is not None and asked > profile_max:
-            raise BackendUnavailable(f"the TensorRT plan's optimisation profile stops at batch {profile_max} (fixed "
-                                     f"at export); gpu_batch={asked} needs a plan built for it")
-        max_batch = asked or spec.inference.sw_batch_size
+        max_batch = kw.pop("max_batch", None)
         return cls(artifact.model_path("tensorrt", verify=False), entry, spec.in_channels, spec.num_classes,
                    spec.inference.roi_size, max_batch, **kw)
-
-    def _stream_handle(self) -> int:
-        if self._dev.type == "cuda":
-            return self.torch.cuda.current_stream(self._dev).cuda_stream
-        return 0
 
     def infer_torch(self, x):
         """(B, C, *roi) float32 tensor on the GPU → (B, K, *roi) float32 tensor, enqueued on torch's stream."""
@@ -147,9 +155,10 @@ class TensorRTBackend(Backend):
         if x.dim() != 5 or tuple(x.shape[1:]) != expected or x.shape[0] < 1:
             raise InferenceError(f"{self.name}: input batch must have shape (B, {', '.join(map(str, expected))}), "
                                  f"got {tuple(x.shape)}")
-        if x.device.type != self._dev.type:
+        if x.device != self._dev:
             raise InferenceError(f"{self.name}: input is on {x.device}, the plan runs on {self._dev}")
         x = x.to(torch.float32).contiguous()
+        stream = torch.cuda.current_stream(self._dev).cuda_stream
         outs = []
         for b0 in range(0, x.shape[0], self.max_batch):
             xb = x[b0:b0 + self.max_batch].contiguous()
@@ -157,11 +166,11 @@ class TensorRTBackend(Backend):
                               device=xb.device)
             ctx = self.context
             if not ctx.set_input_shape(self.input_name, tuple(xb.shape)):
-                raise InferenceError(f"{self.name}: TensorRT rejected the input shape {tuple(xb.shape)} "
-                                     f"(the plan's profile covers batch 1..{self.max_batch})")
+                raise InferenceError(f"{self.name}: TensorRT rejected the input shape {tuple(xb.shape)} (the "
+                                     f"plan's profile covers batch {self.profile_batch[0]}..{self.profile_batch[1]})")
             ctx.set_tensor_address(self.input_name, xb.data_ptr())
             ctx.set_tensor_address(self.output_name, out.data_ptr())
-            if not ctx.execute_async_v3(self._stream_handle()):
+            if not ctx.execute_async_v3(stream):
                 raise InferenceError(f"{self.name}: TensorRT execute_async_v3 failed on a batch of shape "
                                      f"{tuple(xb.shape)}")
             outs.append(out)
@@ -171,8 +180,7 @@ class TensorRTBackend(Backend):
         batch = self.check_batch(batch)
         x = self.torch.from_numpy(batch).to(self._dev)
         out = self.infer_torch(x)
-        if self._dev.type == "cuda":
-            self.torch.cuda.current_stream(self._dev).synchronize()
+        self.torch.cuda.current_stream(self._dev).synchronize()
         return out.cpu().numpy()
 
     def close(self) -> None:
