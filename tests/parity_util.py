@@ -145,6 +145,11 @@ def run_monai_bundle(bundle: Path, image_path: Path, out_dir: Path, overrides: d
     parser["output_dir"] = str(out_dir)
     for k, v in (overrides or {}).items():
         parser[k] = v
+    # the CPU reference on every machine (the bundles stitch on "cuda if available"), as
+    # benchmarks/monai_pipeline.run_pipeline(device="cpu") pins it
+    for key in ("inferer#device", "inferer#sw_device"):
+        if key in parser:
+            parser[key] = "cpu"
     torch.manual_seed(0)
     with bundle_on_path(bundle):
         net = parser.get_parsed_content("network_def", instantiate=True)
