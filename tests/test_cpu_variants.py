@@ -224,3 +224,29 @@ def test_select_on_an_artifact_without_cpu_variants_is_unchanged(plain):
     with b:
         assert b.name == "ort-cpu"
     assert reason == "device=cpu: ort-cpu on cpu, 1 threads"
+
+
+@needs_ov
+def test_no_native_bf16_refuses_the_variant_and_falls_back(plain, tmp_path, monkeypatch, caplog):
+    """The path of a CPU without native bf16 (AVX2, AVX-512 without BF16/AMX, most aarch64), checked on every
+    machine: the needs_bf16 tests above run only where bf16 is native, so here OpenVINO's capability list is
+    made to lack BF16. A gated variant is then refused with the reason, device=cpu falls back to ONNX Runtime
+    fp32 and the export-time gate cannot run."""
+    from segrt.engine.backends import openvino_cpu
+
+    real = openvino_cpu.openvino_info()
+    caps = [c for c in real["capabilities"] if c != "BF16"]
+    monkeypatch.setattr(openvino_cpu, "openvino_info", lambda: {**real, "capabilities": caps, "native_bf16": False})
+    a = _with_gate(plain, tmp_path / "ok", passed=True)
+    with caplog.at_level(logging.INFO, logger="segrt"):
+        b, reason = select_backend(a, "cpu", threads=1)
+    with b:
+        assert b.name == "ort-cpu"
+    assert "rejected openvino-bf16" in reason and "no native bf16" in reason
+    with pytest.raises(BackendUnavailable, match="no native bf16"):
+        select_backend(a, "cpu", variant=VARIANT, threads=1)
+    b, reason = select_backend(a, "openvino", threads=1)  # OpenVINO fp32 still runs
+    with b:
+        assert b.name == "openvino-fp32" and "no native bf16" in reason
+    with pytest.raises(ExportError, match="cannot gate the openvino-bf16 CPU variant on this machine"):
+        gate_cpu_variant(VARIANT, a.model_path("fp32"), a.spec, samples=1)
