@@ -92,8 +92,9 @@ def _add_recorded_plan(root: Path, mp: pytest.MonkeyPatch, cache: Path) -> tenso
     a = Artifact.load(root)
     names = [n for r in find_norm_regions(onnx.load(str(root / "model_fp32.onnx"))) for n in r.nodes]
     info = trt_export.build_plan(root / "model_fp32.onnx", root / "model.plan",
-                                 max_batch=a.spec.inference.sw_batch_size, in_channels=a.spec.in_channels, roi_size=a.spec.inference.roi_size, fp16=True,
-                                 fp32_node_names=names, input_name="input", timing_cache=cache)
+                                 max_batch=a.spec.inference.sw_batch_size, in_channels=a.spec.in_channels,
+                                 roi_size=a.spec.inference.roi_size, fp16=True, fp32_node_names=names,
+                                 input_name="input", timing_cache=cache)
     manifest = dict(a.manifest)
     manifest["models"] = {**manifest["models"], "tensorrt": {
         "path": "model.plan", "sha256": sha256_file(root / "model.plan"), **info, "output_name": "output"}}
