@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="segment a NIfTI volume with an artifact")
     r.add_argument("artifact", help="artifact directory written by 'segrt export'")
     r.add_argument("input", help="input image (.nii / .nii.gz)")
-    r.add_argument("-o", "--output", required=True, help="output label image (.nii / .nii.gz)")
+    r.add_argument("-o", "--output", default=None, help="output label image (.nii / .nii.gz); required unless --plan")
+    r.add_argument("--plan", action="store_true",
+                   help="print the plan (grids, windows, predicted peak memory, predicted network time from a "
+                        "one-batch calibration) and exit without segmenting; reads only the input's header")
     r.add_argument("--device", default="auto",
                    choices=["auto", "cpu", "ort-cpu", "openvino", "cuda", "tensorrt", "ort-cuda", "torch-cuda"],
                    help="where to run (default: auto = TensorRT → ORT-CUDA → torch-CUDA → ORT-CPU)")
@@ -189,7 +192,12 @@ def cmd_export(a) -> int:
 
 def cmd_run(a) -> int:
     from segrt.engine.engine import Engine, check_run_output
+    from segrt.errors import UsageError
 
+    if a.plan:
+        return _print_plan(a)
+    if a.output is None:
+        raise UsageError("segrt run needs an output: -o LABELS.nii.gz (or --plan to only print the plan)")
     check_run_output(a.output, a.input, a.artifact)  # before the model is loaded: fails in well under a second
     with Engine.load(a.artifact, device=a.device, variant=a.variant, threads=a.threads,
                      overlap=a.overlap, skip_empty=not a.no_skip, max_memory=a.max_memory,
@@ -207,6 +215,24 @@ def cmd_run(a) -> int:
             print(f"  overlap {','.join(f'{o:g}' for o in seg.metadata['overlap'])} "
                   f"(artifact: {','.join(f'{o:g}' for o in seg.metadata['artifact_overlap'])})")
         print_timings(seg.timings)
+    return 0
+
+
+def _print_plan(a) -> int:
+    from segrt.engine.engine import Engine
+    from segrt.volume import inspect_nifti
+
+    inspect_nifti(a.input)  # a bad input fails before the model is loaded
+    with Engine.load(a.artifact, device=a.device, variant=a.variant, threads=a.threads,
+                     overlap=a.overlap, skip_empty=not a.no_skip, max_memory=a.max_memory,
+                     accum_dtype=a.accum_dtype, gpu_batch=a.gpu_batch,
+                     trust_torch_program=a.trust_torch_program) as eng:
+        plan = eng.plan(a.input)
+        cal = eng.calibrate(plan.inference.sw_batch_size)
+    if a.json:
+        print(json.dumps(plan.to_dict(cal), indent=2))
+    else:
+        print(plan.describe(cal))
     return 0
 
 

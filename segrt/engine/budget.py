@@ -116,13 +116,13 @@ class MemoryPlan:
 def estimate(spec: InferenceSpec, num_classes: int, in_channels: int, input_shape, preprocessed_shape, *,
              input_bytes: int, label_bytes: int, workspace: int, accum_dtype: str, threads: bool, skip: bool,
              slabs: bool, inplace_weighting: bool, order: str | None = None,
-             base: int = BASE_BYTES) -> MemoryPlan:
+             base: int = BASE_BYTES, grid=None) -> MemoryPlan:
     """Bytes of one plan (the module docstring's formula)."""
     v = int(np.prod(preprocessed_shape))
     v_in = int(np.prod(input_shape))
     c = int(in_channels)
     st = stitch_buffers(preprocessed_shape, spec, num_classes, c, accum_dtype=accum_dtype, slabs=slabs,
-                        threads=threads, skip=skip, inplace_weighting=inplace_weighting, order=order)
+                        threads=threads, skip=skip, inplace_weighting=inplace_weighting, order=order, grid=grid)
     stitch = sum(st.values())
     phases = {
         "preprocess": base + input_bytes + 3 * 4 * c * v,
@@ -138,11 +138,12 @@ def estimate(spec: InferenceSpec, num_classes: int, in_channels: int, input_shap
 def plan_memory(spec: InferenceSpec, num_classes: int, in_channels: int, input_shape, preprocessed_shape,
                 budget: int | None, *, input_bytes: int, label_bytes: int, workspace, skip: bool, slabs: bool,
                 inplace_weighting: bool, threads: bool = True, accum_dtype: str | None = None,
-                order: str | None = None, base: int = BASE_BYTES) -> MemoryPlan:
+                order: str | None = None, base: int = BASE_BYTES, grid=None) -> MemoryPlan:
     """The first plan (see the module docstring) whose peak fits ``budget`` (None: the first plan).
 
     ``workspace``: bytes, or a callable ``batch -> bytes`` (called only for batch sizes tried).
-    ``accum_dtype``: fixed by the caller (None: the planner may fall back to float16).
+    ``accum_dtype``: fixed by the caller (None: the planner may fall back to float16). ``grid``: the volume's
+    :class:`~segrt.engine.stitch.CellGrid` when the caller planned it (the windows do not depend on the batch).
     """
     if not isinstance(spec, InferenceSpec):
         raise SpecError(f"plan_memory expects an InferenceSpec, got {type(spec).__name__}")
@@ -165,7 +166,7 @@ def plan_memory(spec: InferenceSpec, num_classes: int, in_channels: int, input_s
         sp = spec if b == b0 else dataclasses.replace(spec, sw_batch_size=b)
         p = estimate(sp, num_classes, in_channels, input_shape, preprocessed_shape, input_bytes=input_bytes,
                      label_bytes=label_bytes, workspace=ws(b), accum_dtype=acc, threads=th, skip=skip, slabs=slabs,
-                     inplace_weighting=inplace_weighting, order=order, base=base)
+                     inplace_weighting=inplace_weighting, order=order, base=base, grid=grid)
         p.budget = budget
         if budget is None or p.peak <= budget:
             return p

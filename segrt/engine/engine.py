@@ -30,7 +30,8 @@ from segrt.artifact import Artifact
 from segrt.engine import preprocess as pp
 from segrt.engine.backends import select_backend
 from segrt.engine.budget import measure_workspace, plan_memory, parse_size
-from segrt.engine.stitch import sliding_window_blocks, sliding_window_stream, window_maxima
+from segrt.engine.plan import Calibration, SegmentationPlan
+from segrt.engine.stitch import CellGrid, sliding_window_blocks, sliding_window_stream, window_maxima
 from segrt.engine.tiling import plan_windows
 from segrt.errors import UsageError, VolumeError
 from segrt.safety import check_output_file
@@ -211,6 +212,8 @@ class Engine:
         """
         t0 = time.perf_counter()
         threads = _check_threads(threads)
+        if accum_dtype is not None and accum_dtype not in ("float32", "float16"):
+            raise UsageError(f"accum_dtype must be 'float32' or 'float16', got {accum_dtype!r}")
         artifact = Artifact.load(path)
         if artifact.random_weights:
             log.warning("segrt: warning: artifact %s holds RANDOM weights (exported with --random-init): "
@@ -297,7 +300,7 @@ class Engine:
         if output is not None:  # before any work: never the input, never after minutes of inference
             check_run_output(output, source, self.artifact.root)
         timings = {k: 0.0 for k in STAGES}
-        on_device = self.device == "cuda" and hasattr(self.backend, "infer_torch")
+        on_device = self._on_device()
         t0 = time.perf_counter()
         vol = self._as_volume(source, affine, on_device=on_device)
         timings["load"] = time.perf_counter() - t0
@@ -305,29 +308,24 @@ class Engine:
         if on_device:
             return self._segment_on_device(vol, timings, output, return_probabilities)
 
+        plan = self._plan_for(vol)  # the one plan of this call: nothing below plans again
         t0 = time.perf_counter()
         K = spec.num_classes
         lab_dtype = np.dtype(spec.label_dtype)
         post = spec.postprocessing
-        # Invertd(bilinear) on probabilities, argmax afterwards: streamed slab by slab. (Nearest inversion of
-        # probabilities followed by argmax picks the same source voxel as argmax followed by nearest inversion
-        # of labels, so that case takes the cheaper label path.)
-        use_inverter = post.order == "invert_then_argmax" and post.invert_interp == "bilinear"
-        rule = spec.inference.skip_rule if self.skip_empty else None
+        use_inverter = plan.use_inverter
+        rule = plan.skip_rule
         fresh = bool(getattr(self.backend, "fresh_outputs", False))
-        mplan = self._memory_plan(vol, use_inverter, rule is not None, fresh)
-        inf = mplan.inference_spec(spec.inference)
-
-        maxima = {}
-
-        def raw_hook(raw):
-            maxima["max"] = window_maxima(raw, plan_windows(raw.shape[1:], inf))
-
-        image, record = pp.preprocess(vol, spec.preprocessing, raw_hook=raw_hook if rule is not None else None)
+        mplan = plan.memory
+        inf = plan.inference
+        raw = pp.resample(vol, spec.preprocessing, plan.geometry)
+        # the skip rule is decided on the resampled image before the intensity ops (CT: Hounsfield units)
+        skip = None if rule is None else window_maxima(raw, plan.windows, plan.cells) < rule.threshold
+        image = pp.intensity(raw, spec.preprocessing)
+        del raw
+        record = plan.geometry
         timings["preprocess"] = time.perf_counter() - t0
-
-        plan = plan_windows(image.shape[1:], inf)
-        skip = None if rule is None else maxima["max"] < rule.threshold
+        plan_w = plan.windows
         n_skip = 0 if skip is None else int(skip.sum())
         infer_time = [0.0]
 
@@ -342,7 +340,7 @@ class Engine:
             progress = sys.stderr.isatty()
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=plan.n_windows, unit="win", desc="segrt", file=sys.stderr, delay=2.0,
+            bar = tqdm(total=plan_w.n_windows, unit="win", desc="segrt", file=sys.stderr, delay=2.0,
                        leave=False)
 
         res_shape = image.shape[1:]
@@ -353,7 +351,7 @@ class Engine:
         else:
             labels_res = np.empty(res_shape, lab_dtype)
         kw = dict(progress=bar.update if bar else None, accum_dtype=mplan.accum_dtype, skip=skip,
-                  threads=mplan.threads, inplace_weighting=fresh)
+                  threads=mplan.threads, inplace_weighting=fresh, grid=plan.cells)
         if rule is not None:
             kw.update(background_class=rule.background_class, skip_margin=rule.margin)
 
@@ -393,9 +391,9 @@ class Engine:
             labels=labels, affine=vol.affine.copy(), class_names=dict(spec.class_names), timings=timings,
             source=vol, probabilities=probs_full,
             metadata={"backend": self.backend.name, "backend_reason": self.backend_reason, "device": self.device,
-                      "windows": plan.n_windows, "preprocessed_shape": list(res_shape),
-                      "windows_run": plan.n_windows - n_skip, "windows_skipped": n_skip,
-                      "skipped_fraction": n_skip / plan.n_windows,
+                      "windows": plan_w.n_windows, "preprocessed_shape": list(res_shape),
+                      "windows_run": plan_w.n_windows - n_skip, "windows_skipped": n_skip,
+                      "skipped_fraction": n_skip / plan_w.n_windows,
                       "skip_rule": None if rule is None else rule.to_dict(),
                       "accum_dtype": mplan.accum_dtype, "sw_batch_size": inf.sw_batch_size,
                       "stitch_threads": mplan.threads, "memory_plan": mplan.to_dict(),
@@ -405,32 +403,86 @@ class Engine:
             seg.save(output)
         return seg
 
-    def _memory_plan(self, vol: Volume, slabs: bool, skip: bool, fresh: bool):
-        """Batch size, accumulator and threads for this volume (``segrt.engine.budget``); BudgetError if the
-        declared budget cannot be met — raised before anything runs."""
+    def plan(self, source, affine=None) -> SegmentationPlan:
+        """The :class:`~segrt.engine.plan.SegmentationPlan` of ``source`` (a NIfTI path — only its header is read —,
+        a :class:`Volume`, a :class:`RawImage` or an array with ``affine``), without running anything."""
+        if isinstance(source, (str, os.PathLike)):
+            import nibabel as nib
+
+            from segrt.volume import correct_nifti_header
+
+            inspect_nifti(source)  # the header's own checks first
+            try:
+                img = nib.load(os.fspath(source))
+                correct_nifti_header(img)
+            except Exception as exc:  # noqa: BLE001 - the boundary: nibabel's errors on a bad header
+                raise VolumeError(f"cannot read the header of {os.fspath(source)!r}: {exc}") from exc
+            shape = tuple(int(v) for v in img.shape)
+            channels = 1 if len(shape) == 3 else int(shape[3])
+            n_vox = int(np.prod(shape[:3]))
+            return self._make_plan(np.asarray(img.affine, np.float64), shape[:3], channels, 4 * channels * n_vox)
+        vol = self._as_volume(source, affine, on_device=False)
+        return self._plan_for(vol)
+
+    def _plan_for(self, vol) -> SegmentationPlan:
+        return self._make_plan(vol.affine, vol.spatial_shape, vol.num_channels, int(vol.array.nbytes))
+
+    def _make_plan(self, affine, spatial_shape, channels: int, input_bytes: int) -> SegmentationPlan:
+        """Geometry, windows, skip rule and the memory plan (``segrt.engine.budget``) for one input; BudgetError if
+        the declared budget cannot be met — raised before anything runs."""
         spec = self.spec
-        acc = self.accum_dtype
-        if acc is not None and acc not in ("float32", "float16"):
-            from segrt.errors import SpecError
-            raise SpecError(f"accum_dtype must be 'float32' or 'float16', got {acc!r}")
-        res_shape = pp.output_shape(vol, spec.preprocessing)
-        base = None
-        if self.max_memory is None:
-            workspace = 0
-            acc = acc or "float32"
-        else:
-            from segrt.engine.budget import rss_bytes
+        if channels != spec.in_channels:
+            raise VolumeError(f"the model takes {spec.in_channels} channel(s), the input has {channels}")
+        post = spec.postprocessing
+        # Invertd(bilinear) on probabilities, argmax afterwards: streamed slab by slab. (Nearest inversion of
+        # probabilities followed by argmax picks the same source voxel as argmax followed by nearest inversion
+        # of labels, so that case takes the cheaper label path.)
+        use_inverter = post.order == "invert_then_argmax" and post.invert_interp == "bilinear"
+        rule = spec.inference.skip_rule if self.skip_empty else None
+        geometry = pp.plan_geometry(affine, spatial_shape, spec.preprocessing)
+        res_shape = geometry.output_shape
+        windows = plan_windows(res_shape, spec.inference)  # the batch size does not move windows
+        cells = CellGrid(windows)
+        mplan = None
+        if not self._on_device():
+            fresh = bool(getattr(self.backend, "fresh_outputs", False))
+            acc = self.accum_dtype
+            base = None
+            if self.max_memory is None:
+                workspace = 0
+                acc = acc or "float32"
+            else:
+                from segrt.engine.budget import rss_bytes
 
-            now = rss_bytes()  # the process as it is (interpreter, libraries, backend session, the input)
-            base = max(now - int(vol.array.nbytes), 0) if now else None
+                now = rss_bytes()  # the process as it is (interpreter, libraries, backend session, the input)
+                base = max(now - int(input_bytes), 0) if now else None
 
-            def workspace(b):
-                return measure_workspace(self.backend, b)
-        return plan_memory(spec.inference, spec.num_classes, spec.in_channels, vol.array.shape[1:], res_shape,
-                           self.max_memory, input_bytes=int(vol.array.nbytes),
-                           label_bytes=np.dtype(spec.label_dtype).itemsize, workspace=workspace, skip=skip,
-                           slabs=slabs, inplace_weighting=fresh, threads=self.stitch_threads, accum_dtype=acc,
-                           **({} if base is None else {"base": base}))
+                def workspace(b):
+                    return measure_workspace(self.backend, b)
+            mplan = plan_memory(spec.inference, spec.num_classes, spec.in_channels, tuple(spatial_shape), res_shape,
+                                self.max_memory, input_bytes=int(input_bytes),
+                                label_bytes=np.dtype(spec.label_dtype).itemsize, workspace=workspace,
+                                skip=rule is not None, slabs=use_inverter, inplace_weighting=fresh,
+                                threads=self.stitch_threads, accum_dtype=acc, grid=cells,
+                                **({} if base is None else {"base": base}))
+        inf = spec.inference if mplan is None else mplan.inference_spec(spec.inference)
+        return SegmentationPlan(in_channels=spec.in_channels, num_classes=spec.num_classes,
+                                label_dtype=spec.label_dtype, geometry=geometry, inference=inf,
+                                windows=windows, cells=cells, skip_rule=rule, use_inverter=use_inverter,
+                                memory=mplan, backend=self.backend.name, device=self.device)
+
+    def _on_device(self) -> bool:
+        return self.device == "cuda" and hasattr(self.backend, "infer_torch")
+
+    def calibrate(self, batch: int | None = None) -> Calibration:
+        """Time one network call of ``batch`` windows of zeros (default: the spec's sw_batch_size) on the backend:
+        the second of two calls (the first pays one-time set-up)."""
+        b = int(batch or self.spec.inference.sw_batch_size)
+        x = np.zeros((b, self.spec.in_channels, *self.spec.inference.roi_size), np.float32)
+        self.backend.infer(x)
+        t0 = time.perf_counter()
+        self.backend.infer(x)
+        return Calibration(self.backend.name, b, time.perf_counter() - t0)
 
     def _segment_on_device(self, vol: Volume | RawImage, timings: dict, output, return_probabilities: bool) -> Segmentation:
         """The whole pipeline on the GPU (segrt.engine.gpu.TorchPipeline); only labels come back to the host."""

@@ -35,6 +35,8 @@ __all__ = [
     "PreprocessRecord",
     "preprocess",
     "plan_geometry",
+    "resample",
+    "intensity",
     "output_shape",
 ]
 
@@ -495,7 +497,16 @@ def preprocess(volume, pre: Preprocessing, raw_hook=None, geometry: PreprocessRe
     """
     if geometry is None:
         geometry = plan_geometry(volume.affine, volume.array.shape[1:], pre)
-    elif tuple(geometry.input_shape) != tuple(volume.array.shape[1:]):
+    arr = resample(volume, pre, geometry)
+    if raw_hook is not None:
+        raw_hook(arr)
+    return intensity(arr, pre), geometry
+
+
+def resample(volume, pre: Preprocessing, geometry: PreprocessRecord) -> np.ndarray:
+    """Orientation and spacing of ``volume`` on its planned ``geometry`` (:func:`plan_geometry`): the image before the
+    intensity ops, ``(C, X', Y', Z')`` (a view of the input when nothing is resampled)."""
+    if tuple(geometry.input_shape) != tuple(volume.array.shape[1:]):
         raise SpecError(f"the geometry was planned for {geometry.input_shape}, the volume is "
                         f"{tuple(volume.array.shape[1:])}")
     arr = volume.array
@@ -503,11 +514,12 @@ def preprocess(volume, pre: Preprocessing, raw_hook=None, geometry: PreprocessRe
         arr = apply_orientation(arr, geometry.ornt)
     if geometry.spacing is not None:
         arr = apply_spacing(arr, geometry.spacing, pre.spacing.mode)
-    if raw_hook is not None:
-        raw_hook(arr)
-    arr = apply_intensity(arr, pre.intensity)
-    if not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr)
     if tuple(arr.shape[1:]) != tuple(geometry.output_shape):  # pragma: no cover - an internal invariant
         raise SpecError(f"preprocessing gave {tuple(arr.shape[1:])}, the plan said {geometry.output_shape}")
-    return arr, geometry
+    return arr
+
+
+def intensity(arr: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """The intensity ops on a resampled image: the network's input, float32 and C-contiguous."""
+    arr = apply_intensity(arr, pre.intensity)
+    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)

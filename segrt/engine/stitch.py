@@ -89,7 +89,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from segrt.errors import InferenceError, SpecError, VolumeError
-from segrt.engine.tiling import WindowPlan, importance_map, plan_windows
+from segrt.engine.tiling import WindowPlan, importance_map, plan_windows, scan_interval
 from segrt.kernels.stitch_ref import weight_batch
 from segrt.spec import InferenceSpec
 
@@ -310,7 +310,7 @@ class CellGrid:
             max(e - a for a, e in self.axes[2].bounds)
 
 
-def window_maxima(raw: np.ndarray, plan: WindowPlan) -> np.ndarray:
+def window_maxima(raw: np.ndarray, plan: WindowPlan, grid: "CellGrid | None" = None) -> np.ndarray:
     """Per-window maximum (over channels and the window's unpadded voxels) of ``raw (C, X, Y, Z)``.
 
     One pass over the image: the maximum of every cell (a block of the window grid), then per window the
@@ -320,7 +320,7 @@ def window_maxima(raw: np.ndarray, plan: WindowPlan) -> np.ndarray:
     if raw.ndim != 4 or tuple(raw.shape[1:]) != tuple(plan.spatial_shape):
         raise VolumeError(f"window_maxima: expected an image (C, {', '.join(map(str, plan.spatial_shape))}), "
                           f"received shape {tuple(raw.shape)}")
-    grid = CellGrid(plan)
+    grid = _grid_of(plan, grid)
     X, Y, Z = grid.axes
     cmax = np.empty((len(X.bounds), len(Y.bounds), len(Z.bounds)), dtype=np.float64)
     for a, (x0, x1) in enumerate(X.bounds):
@@ -335,6 +335,26 @@ def window_maxima(raw: np.ndarray, plan: WindowPlan) -> np.ndarray:
         zs = [c for c, _, _ in Z.per_start[iz]]
         out[i] = cmax[np.ix_(xs, ys, zs)].max()
     return out
+
+
+def _grid_of(plan: WindowPlan, grid: "CellGrid | None") -> "CellGrid":
+    """``grid`` when the caller planned it (it must be ``plan``'s), else the cell grid of ``plan``."""
+    if grid is None:
+        return CellGrid(plan)
+    if grid.plan != plan:
+        raise SpecError("the cell grid given was planned for other windows")
+    return grid
+
+
+def _planned(spatial_shape, spec: InferenceSpec, grid: "CellGrid | None") -> "CellGrid":
+    """The cell grid of ``spec``'s windows over ``spatial_shape``: the caller's (checked to match), else planned."""
+    if grid is None:
+        return CellGrid(plan_windows(spatial_shape, spec))
+    p = grid.plan
+    if (tuple(p.spatial_shape) != tuple(int(v) for v in spatial_shape) or tuple(p.roi_size) != tuple(spec.roi_size)
+            or tuple(p.interval) != tuple(scan_interval(p.padded_shape, p.roi_size, spec.overlap))):
+        raise SpecError("the cell grid given was planned for another volume or window spec")
+    return grid
 
 
 # ---- memory formula ---------------------------------------------------------------------------
@@ -352,34 +372,37 @@ def _accum(accum_dtype) -> type:
 
 def stitch_buffers(spatial_shape, spec: InferenceSpec, num_classes: int, in_channels: int = 1, *,
                    accum_dtype="float32", slabs: bool = False, threads: bool = False, skip: bool = False,
-                   inplace_weighting: bool = False, order: str | None = None) -> dict[str, int]:
+                   inplace_weighting: bool = False, order: str | None = None,
+                   grid: CellGrid | None = None) -> dict[str, int]:
     """The stitcher's buffers for a volume of ``spatial_shape``, in bytes, by term (see the module docstring).
 
     ``slabs=True`` with ``order=None``: the buffers of :func:`sliding_window_stream` in the order it chooses
-    (:func:`stream_order`)."""
+    (:func:`stream_order`). ``grid``: the volume's :class:`CellGrid` when the caller planned it already."""
     return _buffers(spatial_shape, spec, num_classes, in_channels, accum_dtype=accum_dtype, slabs=slabs,
-                    threads=threads, skip=skip, inplace_weighting=inplace_weighting, order=order)[1]
+                    threads=threads, skip=skip, inplace_weighting=inplace_weighting, order=order, grid=grid)[1]
 
 
-def stream_order(spatial_shape, spec: InferenceSpec, num_classes: int, accum_dtype="float32") -> str:
+def stream_order(spatial_shape, spec: InferenceSpec, num_classes: int, accum_dtype="float32",
+                 grid: CellGrid | None = None) -> str:
     """The window order :func:`sliding_window_stream` uses when none is given.
 
     With ``sw_batch_size`` 1 (where the order cannot change any result): of ``compact``, ``compact_yz`` and
     ``monai`` the one whose peak (:func:`stitch_peak_bytes`, ``slabs=True``) is smallest, the first of them on
     a tie. ``compact`` keeps the axis-0 overlap band small but can leave the last two slabs open together;
     ``compact_yz`` keeps one slab open but holds the pulled-back axis-0 band. Otherwise MONAI's order."""
-    return _buffers(spatial_shape, spec, num_classes, 1, accum_dtype=accum_dtype, slabs=True)[0]
+    return _buffers(spatial_shape, spec, num_classes, 1, accum_dtype=accum_dtype, slabs=True, grid=grid)[0]
 
 
 def _buffers(spatial_shape, spec: InferenceSpec, num_classes: int, in_channels: int = 1, *,
              accum_dtype="float32", slabs: bool = False, threads: bool = False, skip: bool = False,
-             inplace_weighting: bool = False, order: str | None = None) -> tuple[str, dict[str, int]]:
+             inplace_weighting: bool = False, order: str | None = None,
+             grid: CellGrid | None = None) -> tuple[str, dict[str, int]]:
     """``(order, buffers)``: see :func:`stitch_buffers`; ``order`` is the window order the terms are for."""
-    plan = plan_windows(spatial_shape, spec)
+    grid = _planned(spatial_shape, spec, grid)
+    plan = grid.plan
     k, c, b = int(num_classes), int(in_channels), int(spec.sw_batch_size)
     a = np.dtype(_accum(accum_dtype)).itemsize
     win = int(np.prod(plan.roi_size))
-    grid = CellGrid(plan)
     _, y, z = plan.spatial_shape
     if slabs and order is None and b == 1:
         kinds = ("compact", "compact_yz", "monai")  # the stream's choice; "compact" wins ties
@@ -413,12 +436,13 @@ def _buffers(spatial_shape, spec: InferenceSpec, num_classes: int, in_channels: 
 
 def stitch_peak_bytes(spatial_shape, spec: InferenceSpec, num_classes: int, in_channels: int = 1, *,
                       accum_dtype="float32", slabs: bool = True, threads: bool = False, skip: bool = False,
-                      inplace_weighting: bool = False, order: str | None = None) -> int:
+                      inplace_weighting: bool = False, order: str | None = None,
+                      grid: CellGrid | None = None) -> int:
     """Peak bytes of the stitcher's buffers (the module docstring's formula; ``slabs``: row slabs are
     assembled, as :func:`sliding_window_stream` does; False for :func:`sliding_window_blocks`)."""
     return sum(stitch_buffers(spatial_shape, spec, num_classes, in_channels, accum_dtype=accum_dtype, slabs=slabs,
                               threads=threads, skip=skip, inplace_weighting=inplace_weighting,
-                              order=order).values())
+                              order=order, grid=grid).values())
 
 
 def _quotient_voxels(grid: CellGrid) -> int:
@@ -629,8 +653,8 @@ def sliding_window_blocks(image: np.ndarray, spec: InferenceSpec, predict: Predi
                           progress: Callable[[int], None] | None = None, accum_dtype="float32",
                           skip: Sequence[bool] | np.ndarray | None = None, background_class: int = 0,
                           skip_margin: float = SKIP_MARGIN, threads: bool = False,
-                          inplace_weighting: bool = False,
-                          order: str | None = None) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
+                          inplace_weighting: bool = False, order: str | None = None,
+                          grid: CellGrid | None = None) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
     """Sliding-window inference of ``image`` (C, X, Y, Z), streamed as finished blocks.
 
     ``predict`` maps a float32 batch ``(b, C, rx, ry, rz)`` (``b <= sw_batch_size``; do not keep the array) to
@@ -655,8 +679,8 @@ def sliding_window_blocks(image: np.ndarray, spec: InferenceSpec, predict: Predi
     acc_t = _accum(accum_dtype)
     fix_malloc_mmap_threshold()
     c = image.shape[0]
-    plan = plan_windows(image.shape[1:], spec)
-    grid = CellGrid(plan)
+    grid = _planned(image.shape[1:], spec, grid)  # the caller's plan (segrt.engine.plan), else planned here
+    plan = grid.plan
     roi = plan.roi_size
     bsz = int(spec.sw_batch_size)
     n_win = plan.n_windows
@@ -805,11 +829,12 @@ def sliding_window_stream(image: np.ndarray, spec: InferenceSpec, predict: Predi
     (``slabs=True``, the same ``order``).
     """
     image = _check_image(image)
-    plan = plan_windows(image.shape[1:], spec)
+    grid = kwargs["grid"] = _planned(image.shape[1:], spec, kwargs.get("grid"))
+    plan = grid.plan
     k = int(num_classes)
     _, y, z = plan.spatial_shape
     if kwargs.get("order") is None:
-        kwargs["order"] = stream_order(image.shape[1:], spec, k, kwargs.get("accum_dtype", "float32"))
+        kwargs["order"] = stream_order(image.shape[1:], spec, k, kwargs.get("accum_dtype", "float32"), grid=grid)
     groups = _slab_rows(plan)  # unpadded [lo, hi) of every slab, in row order
     starts = [lo for lo, _ in groups]
     open_slabs: dict[int, list] = {}  # slab index -> [buffer, voxels filled]
