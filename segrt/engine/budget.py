@@ -80,7 +80,7 @@ def measure_workspace(backend, batch: int) -> int:
     """The backend's working memory for a batch of ``batch`` windows: the RSS growth over two inferences of
     zeros, each output dropped before the next. ONNX Runtime allocates its outputs in its arena and keeps the
     arena, so this includes one output batch (the one the stitcher weights in place) and the steady state."""
-    known = getattr(backend, "workspace_bytes", None)
+    known = backend.capabilities.workspace_bytes
     if known is not None:
         return int(known)
     x = np.zeros((batch, backend.in_channels, *backend.roi_size), dtype=np.float32)

@@ -173,7 +173,8 @@ class Engine:
         self.spec = artifact.spec
         self.backend = backend
         self.backend_reason = reason
-        self.device = getattr(backend, "device", "cpu")
+        self.capabilities = backend.capabilities
+        self.device = self.capabilities.device
         self.accum_dtype = accum_dtype
         self._gpu_pipeline = None
         self.load_seconds = 0.0
@@ -315,7 +316,7 @@ class Engine:
         post = spec.postprocessing
         use_inverter = plan.use_inverter
         rule = plan.skip_rule
-        fresh = bool(getattr(self.backend, "fresh_outputs", False))
+        fresh = self.capabilities.fresh_outputs
         mplan = plan.memory
         inf = plan.inference
         raw = pp.resample(vol, spec.preprocessing, plan.geometry)
@@ -445,7 +446,7 @@ class Engine:
         cells = CellGrid(windows)
         mplan = None
         if not self._on_device():
-            fresh = bool(getattr(self.backend, "fresh_outputs", False))
+            fresh = self.capabilities.fresh_outputs
             acc = self.accum_dtype
             base = None
             if self.max_memory is None:
@@ -472,7 +473,7 @@ class Engine:
                                 memory=mplan, backend=self.backend.name, device=self.device)
 
     def _on_device(self) -> bool:
-        return self.device == "cuda" and hasattr(self.backend, "infer_torch")
+        return self.device == "cuda" and self.capabilities.device_arrays
 
     def calibrate(self, batch: int | None = None) -> Calibration:
         """Time one network call of ``batch`` windows of zeros (default: the spec's sw_batch_size) on the backend:
@@ -492,7 +493,7 @@ class Engine:
 
         if self._gpu_pipeline is None:
             accum = getattr(torch, self.accum_dtype or "float16")
-            where = getattr(self.backend, "torch_device", "cuda")
+            where = self.capabilities.torch_device or "cuda"
             self._gpu_pipeline = TorchPipeline(self.spec, self.backend.infer_torch, where, accum_dtype=accum,
                                                batch_size=self.backend.max_batch, skip_empty=self.skip_empty)
         res = self._gpu_pipeline.segment(vol, return_probabilities=return_probabilities)

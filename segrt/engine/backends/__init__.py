@@ -2,8 +2,9 @@
 
 Backends follow one lifecycle (after Polygraphy's runners): construct from an artifact's model entry, ``infer``
 many batches, ``close``; usable as context managers. Heavy libraries (torch, tensorrt) are imported only inside
-the backend that needs them. Each backend has ``name``, ``device`` (``"cpu"`` / ``"cuda"``) and ``threads``
-(``None`` on the GPU); GPU backends also have ``infer_torch(tensor) -> tensor`` (data stays on the device).
+the backend that needs them. Each backend has a ``name`` and declares its :class:`~segrt.engine.backends.base.Capabilities`
+(device, device arrays, fresh outputs, max batch, threads, workspace); those with ``device_arrays`` also have
+``infer_torch(tensor) -> tensor`` (data stays on the device).
 
 ``select_backend`` implements ``device="auto"``: a valid TensorRT plan → ONNX Runtime CUDA → torch CUDA →
 the CPU, and says what it picked and why each faster candidate was rejected. On the CPU (``"cpu"``, and
@@ -103,8 +104,9 @@ def _cpu_choice(device: str, artifact, variant, threads, rejected: list[str]):
 
 
 def _describe(backend) -> str:
-    extra = f", {backend.threads} threads" if getattr(backend, "threads", None) else ""
-    return f"{backend.name} on {getattr(backend, 'device', 'cpu')}{extra}"
+    cap = backend.capabilities
+    extra = f", {cap.threads} threads" if cap.threads else ""
+    return f"{backend.name} on {cap.device}{extra}"
 
 
 def select_backend(artifact, device: str = "auto", variant: str | None = None, threads: int | None = None,

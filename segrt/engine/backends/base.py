@@ -1,16 +1,56 @@
+"""The backend interface: construct from an artifact (``X.from_artifact``), ``infer`` many batches, ``close`` —
+after Polygraphy's runners — and declare what it can do in :class:`Capabilities` (nothing is probed)."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import numpy as np
 
 from segrt.errors import InferenceError
 
+__all__ = ["Backend", "Capabilities"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend declares about itself; the engine decides from this alone.
+
+    ``device``: ``"cpu"`` or ``"cuda"``. ``device_arrays``: it has ``infer_torch(tensor) -> tensor`` with the data
+    staying on ``torch_device`` (the device pipeline runs then). ``fresh_outputs``: ``infer`` returns a new array per
+    call, which the stitcher may weight in place. ``max_batch``: windows per call. ``threads``: CPU threads it uses
+    (None on a GPU). ``workspace_bytes``: its own memory per call when known (else the budget planner measures it).
+    """
+
+    device: str
+    device_arrays: bool
+    fresh_outputs: bool
+    max_batch: int
+    threads: int | None = None
+    workspace_bytes: int | None = None
+    torch_device: object = None
+
 
 class Backend(ABC):
-    """A runner of the exported network on fixed-size patches with a dynamic batch dimension."""
+    """A runner of the exported network on fixed-size patches with a dynamic batch dimension.
+
+    Subclasses set the class (or instance) attributes that :attr:`capabilities` reports: ``device``,
+    ``device_arrays``, ``fresh_outputs``, ``threads``, ``workspace_bytes`` and ``torch_device``."""
 
     name: str = "backend"
+    device: str = "cpu"
+    device_arrays: bool = False
+    fresh_outputs: bool = False
+    threads: int | None = None
+    workspace_bytes: int | None = None
+    torch_device = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(device=self.device, device_arrays=self.device_arrays, fresh_outputs=self.fresh_outputs,
+                            max_batch=self.max_batch, threads=self.threads, workspace_bytes=self.workspace_bytes,
+                            torch_device=self.torch_device)
 
     def __init__(self, in_channels: int, num_classes: int, roi_size: tuple[int, int, int], max_batch: int):
         self.in_channels = int(in_channels)

@@ -26,6 +26,7 @@ CUDA_EP = "CUDAExecutionProvider"
 
 class OrtCudaBackend(OrtSessionBackend):
     name = "ort-cuda"
+    device_arrays = True  # infer_torch: CUDA tensors in and out
 
     def __init__(self, model_path, in_channels, num_classes, roi_size, max_batch, input_name="input",
                  output_name="output", device_id: int = 0):

@@ -78,6 +78,7 @@ def check_plan_compatible(entry: dict, here: dict, trt_version: str) -> None:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    device_arrays = True  # infer_torch: CUDA tensors in and out
 
     def __init__(self, plan_path, entry: dict, in_channels, num_classes, roi_size, max_batch: int | None = None,
                  *, device_index: int = 0):

@@ -68,6 +68,8 @@ def load_torch_program(path, fmt: str, map_location: str = "cpu"):
 
 class TorchCudaBackend(Backend):
     name = "torch-cuda"
+    # device_arrays: infer_torch on torch_device (on "cpu" too: the device pipeline then runs on the CPU)
+    device_arrays = True
 
     def __init__(self, program_path, fmt: str, in_channels, num_classes, roi_size, max_batch, *,
                  device: str = "cuda", fp16: bool = True, cuda_graphs: bool = True,
