@@ -100,7 +100,7 @@ def run_demo(out_dir="segrt-demo", orientation: str = "LPS", spacing=(0.9, 0.9, 
         say(f"  {name:<18} {d:6.3f}   {vols.get(name, 0.0):10.1f}")
     say(f"  {'mean':<18} {mean:6.3f}")
     say("")
-    from segrt.cli import print_timings
+    from segrt.report import print_timings
 
     if not quiet:
         print_timings(seg.timings)

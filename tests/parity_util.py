@@ -182,7 +182,7 @@ def top2_margin(probs: np.ndarray) -> np.ndarray:
 
 
 # ---- how torch rounds the float64 products MONAI's geometry goes through, on this machine ---------------------
-# segrt replicates torch's float64 arithmetic for MONAI's resampling (segrt/kernels/reference.py): every small
+# segrt replicates torch's float64 arithmetic for MONAI's resampling (segrt/engine/resample.py): every small
 # product summed over k in order, each product and sum rounded (no FMA). That is what torch computes where its
 # float64 matmul runs a reproducible kernel (torch's own small-bmm loop on x86-64; MKL in its SSE2/CBWR
 # "COMPATIBLE" code path), but not everywhere: on an Intel AVX2/AVX-512 CPU MKL's dgemm (2-D ``@`` of 4x4

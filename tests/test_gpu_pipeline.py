@@ -18,7 +18,7 @@ from segrt.engine.gpu import preprocess as gpp  # noqa: E402
 from segrt.engine.gpu.invert import TorchProbabilityInverter  # noqa: E402
 from segrt.engine.stitch import sliding_window_stream  # noqa: E402
 from segrt.errors import InferenceError, VolumeError  # noqa: E402
-from segrt.kernels import reference as KR  # noqa: E402
+from segrt.engine import resample as KR  # noqa: E402
 from segrt.spec import (InferenceSpec, IntensityOp, Postprocessing, Preprocessing, SpacingSpec,  # noqa: E402
                         Spec)
 from segrt.volume import Volume  # noqa: E402

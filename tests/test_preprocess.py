@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from segrt.engine import preprocess as P
-from segrt.kernels import reference as K
+from segrt.engine import resample as K
 from segrt.errors import SpecError
 from segrt.spec import IntensityOp, Preprocessing, SpacingSpec
 from segrt.volume import Volume

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from segrt.engine.preprocess import orient, plan_spacing, preprocess
-from segrt.kernels import reference as K
+from segrt.engine import resample as K
 from segrt.spec import Preprocessing, SpacingSpec
 from segrt.volume import Volume
 

@@ -1,4 +1,4 @@
-"""Triton kernels against the NumPy references of segrt/kernels/reference.py, on fresh random inputs.
+"""Triton kernels against the NumPy references of segrt/engine/resample.py, on fresh random inputs.
 
 Without a GPU the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set here before triton is
 imported); with a GPU the ``gpu``-marked tests run the compiled kernels. Skipped when triton is not installed.
@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from segrt.engine.gpu.invert import TorchProbabilityInverter  # noqa: E402
 from segrt.engine.gpu.preprocess import axis_tables  # noqa: E402
-from segrt.kernels import reference as KR  # noqa: E402
+from segrt.engine import resample as KR  # noqa: E402
 from segrt.kernels import triton_resample_argmax as tk  # noqa: E402
 
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ Data flow (one direction, nothing but the artifact is read)::
       → backend.infer(batch)                                       (segrt.engine.backends)
       → streaming stitcher: finished slabs along the first axis    (segrt.engine.stitch)
       → per slab: softmax, then either argmax (argmax_then_invert) or the streaming
-        probability inverter (invert_then_argmax)                  (segrt.kernels.reference)
+        probability inverter (invert_then_argmax)                  (segrt.engine.resample)
       → nearest inversion of labels, un-orientation → labels on the input grid
 
 The engine never holds a (classes × volume) array: the stitcher holds (classes × slab) and the probability

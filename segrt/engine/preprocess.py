@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from segrt.errors import SpecError, VolumeError
-from segrt.kernels import reference as K
+from segrt.engine import resample as K
 from segrt.spec import INTENSITY_OPS, IntensityOp, Preprocessing
 
 __all__ = [

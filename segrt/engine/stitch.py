@@ -90,7 +90,6 @@ import numpy as np
 
 from segrt.errors import InferenceError, SpecError, VolumeError
 from segrt.engine.tiling import WindowPlan, importance_map, plan_windows, scan_interval
-from segrt.kernels.stitch_ref import weight_batch
 from segrt.spec import InferenceSpec
 
 __all__ = [
@@ -355,6 +354,23 @@ def _planned(spatial_shape, spec: InferenceSpec, grid: "CellGrid | None") -> "Ce
             or tuple(p.interval) != tuple(scan_interval(p.padded_shape, p.roi_size, spec.overlap))):
         raise SpecError("the cell grid given was planned for another volume or window spec")
     return grid
+
+
+def weight_batch(pred: np.ndarray, weight: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out = pred * weight`` (weight broadcast over batch and channel), as MONAI's in-place ``pred *= w``.
+
+    ``pred`` (B, K, rx, ry, rz); ``weight`` (rx, ry, rz) float32; ``out`` float32 of ``pred``'s shape.
+    A float16 ``pred`` is weighted in float32 and rounded back to float16 (what an in-place multiply of a
+    float16 tensor does), then widened; any other dtype is converted to float32 first.
+    """
+    if pred.dtype == np.float16:
+        np.multiply(pred, weight, out=out, dtype=np.float32)
+        out[...] = out.astype(np.float16)
+    elif pred.dtype == np.float32:
+        np.multiply(pred, weight, out=out)
+    else:
+        np.multiply(pred.astype(np.float32), weight, out=out)
+    return out
 
 
 # ---- memory formula ---------------------------------------------------------------------------

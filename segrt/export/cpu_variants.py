@@ -101,7 +101,7 @@ def compare_runs(ref_fn, got_fn, batches, num_classes: int, min_voxels: int = MI
 
 
 def _ort_fp32(fp32_path):
-    from segrt.export import gate as gm
+    import segrt.export.gate as gm
 
     sess = gm._session(fp32_path)
     return lambda x: gm._run_onnx(sess, x)
@@ -116,7 +116,7 @@ def gate_cpu_variant(variant: str, fp32_path, spec, *, samples: int = 2, batch: 
     cannot be run here at all (e.g. openvino missing, no native bf16).
     """
     from segrt.export.fp16 import ct_like_patches
-    from segrt.export import gate as gm
+    import segrt.export.gate as gm
 
     if variant not in CPU_VARIANTS:
         raise ExportError(f"unknown CPU variant {variant!r}; expected one of {', '.join(CPU_VARIANTS)}")

@@ -480,7 +480,7 @@ def gate_reduced_precision(reference, run, spec, *, samples: int = 2, seed: int 
     standard-normal patches and (single-channel models) as many CT-like batches
     (:func:`ct_like_patches`). Returns the report; raises :class:`GateFailed` beyond the thresholds.
     """
-    from segrt.export import gate as gm
+    import segrt.export.gate as gm
 
     if samples < 1:
         raise ExportError(f"gate samples must be >= 1, got {samples}")
@@ -528,7 +528,7 @@ def gate_reduced_precision(reference, run, spec, *, samples: int = 2, seed: int 
 
 def gate_fp16(reference, fp16_path, spec, **kw) -> dict:
     """Gate the fp16 ONNX (ONNX Runtime CPU) against ``reference`` (see :func:`gate_reduced_precision`)."""
-    from segrt.export import gate as gm
+    import segrt.export.gate as gm
 
     sess = gm._session(fp16_path)
     return gate_reduced_precision(reference, lambda x: gm._run_onnx(sess, x), spec, **kw)

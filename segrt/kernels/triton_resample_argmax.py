@@ -2,9 +2,9 @@
 
 For each output voxel the kernel interpolates every class's probability from the 8 source neighbours and keeps
 the running maximum, so the resampled (K × full-resolution) probability volume is never written. The reference is
-:func:`segrt.kernels.reference.invert_probabilities_argmax` (and the streaming
-:class:`~segrt.kernels.reference.ProbabilityInverter`): per axis the tables ``(i0, i1, w0, w1)`` of
-:func:`~segrt.kernels.reference.axis_weights`; the value is ``lerp_z(lerp_y(lerp_x))`` in float64 in the
+:func:`segrt.engine.resample.invert_probabilities_argmax` (and the streaming
+:class:`~segrt.engine.resample.ProbabilityInverter`): per axis the tables ``(i0, i1, w0, w1)`` of
+:func:`~segrt.engine.resample.axis_weights`; the value is ``lerp_z(lerp_y(lerp_x))`` in float64 in the
 reference's order, rounded to float32, then argmax with the first maximum winning and NaN counting as the
 maximum (torch's and NumPy's rule). On a GPU the compiler may contract a multiply and an add into an FMA, which
 can move a float64 value by one ulp: labels then differ from the reference only where two classes' float32

@@ -1,6 +1,6 @@
 """Back to the input grid on a torch device: Invertd(nearest) of labels, streaming Invertd(bilinear)+argmax of
 probabilities, and un-orientation (MONAI_NOTES §6.3). Same results as :class:`segrt.engine.preprocess.PreprocessRecord`
-and :class:`segrt.kernels.reference.ProbabilityInverter`.
+and :class:`segrt.engine.resample.ProbabilityInverter`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from segrt.engine.gpu.preprocess import DeviceGrid, OrientedImage, fix_nearest_ties, nearest_tables, resample_nearest
 from segrt.errors import SpecError
-from segrt.kernels import reference as K
+from segrt.engine import resample as K
 
 __all__ = ["invert_labels", "unorient", "TorchProbabilityInverter", "torch_resample_argmax_rows"]
 
@@ -95,7 +95,7 @@ def torch_resample_argmax_rows(src: torch.Tensor, xt, yt, zt, out: torch.Tensor,
 class TorchProbabilityInverter:
     """Streaming bilinear inverse of class probabilities followed by argmax, on a torch device.
 
-    The device twin of :class:`segrt.kernels.reference.ProbabilityInverter` (same constructor meaning: ``M`` maps
+    The device twin of :class:`segrt.engine.resample.ProbabilityInverter` (same constructor meaning: ``M`` maps
     an index of the oriented grid ``out_shape`` to an index of the resampled grid ``src_shape``). Push float32
     probability row chunks ``(K, rows, Y, Z)`` in order; only the source rows still needed are kept, so no
     full-resolution probability volume exists. The per-row work is the fused Triton kernel

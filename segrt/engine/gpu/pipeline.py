@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from segrt.engine import preprocess as pp
-from segrt.engine.gpu import preprocess as gpp
+import segrt.engine.gpu.preprocess as gpp
 from segrt.engine.gpu.invert import TorchProbabilityInverter, invert_labels, unorient
 from segrt.engine.gpu.stitch import TorchStitcher
 from segrt.engine.gpu.timing import StageTimer

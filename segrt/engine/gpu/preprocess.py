@@ -9,7 +9,7 @@ on the device:
 * :class:`OrientedImage` — orientation as a permuted *view* of the uploaded image plus per-axis flip flags,
   which the resampler folds into its gather indices (no copy);
 * :func:`resample_linear` — trilinear resampling with border clamp, the algorithm of
-  :func:`segrt.kernels.reference.resample_linear` (torch's coordinates via ``SourceGrid``; separable gathers
+  :func:`segrt.engine.resample.resample_linear` (torch's coordinates via ``SourceGrid``; separable gathers
   and lerps for a diagonal ``M`` in the same float64 order, near-zero voxels recomputed exactly; exact 8-corner
   values otherwise), so the result is bit-identical to it;
 * the intensity ops of :mod:`segrt.spec` with the NumPy engine's formulas (statistics in float64, see
@@ -23,7 +23,7 @@ import torch
 
 from segrt.engine import preprocess as pp
 from segrt.errors import SpecError, VolumeError
-from segrt.kernels import reference as K
+from segrt.engine import resample as K
 from segrt.spec import INTENSITY_OPS, IntensityOp
 
 __all__ = [
@@ -171,11 +171,11 @@ def orient(raw: torch.Tensor, affine: np.ndarray, axcodes: str | None):
 
 
 # ---- resampling ------------------------------------------------------------------------------
-# Coordinates are the reference's (segrt.kernels.reference.SourceGrid: torch's affine_grid/grid_sample
+# Coordinates are the reference's (segrt.engine.resample.SourceGrid: torch's affine_grid/grid_sample
 # arithmetic); the per-axis tables are computed on the host (tiny), per-voxel coordinates on the device with the
 # same float64 operations in the same order (eager torch ops: no FMA contraction).
 class DeviceGrid:
-    """:class:`segrt.kernels.reference.SourceGrid` with its per-voxel coordinates computed on ``device``."""
+    """:class:`segrt.engine.resample.SourceGrid` with its per-voxel coordinates computed on ``device``."""
 
     def __init__(self, M: np.ndarray, src_shape, out_shape, device):
         self.grid = K.SourceGrid(M, src_shape, out_shape)
@@ -241,7 +241,7 @@ def resample_linear(img: OrientedImage, M: np.ndarray, out_shape, dtype=torch.fl
     """Trilinear resampling of the oriented image to ``out_shape`` (float32 ``(C, *out_shape)``).
 
     ``M`` maps an output index to an oriented-grid index (``SpacingPlan.M``). The reference's algorithm
-    (:func:`segrt.kernels.reference.resample_linear`): for a diagonal ``M`` separable gathers + lerps per axis;
+    (:func:`segrt.engine.resample.resample_linear`): for a diagonal ``M`` separable gathers + lerps per axis;
     with ``exact_zeros`` the voxels whose value is within rounding noise of 0 are recomputed with torch's exact
     8-corner arithmetic, so that exactly MONAI's zeros are zeros (its ``nonzero`` masks rely on it); a general
     ``M`` takes the exact per-voxel path. ``dtype`` is the separable compute type: float64 reproduces the

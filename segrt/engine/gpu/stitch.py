@@ -26,13 +26,24 @@ import torch.nn.functional as F
 from segrt.engine.stitch import SKIP_MARGIN, slab_bounds
 from segrt.engine.tiling import plan_windows, importance_map
 from segrt.errors import InferenceError, SpecError
-from segrt.kernels.stitch_ref import ring_segments
 from segrt.spec import InferenceSpec
 
 __all__ = ["TorchStitcher"]
 
 _FINAL_CHUNK_BYTES = 256 << 20
 
+
+
+def ring_segments(x_lo: int, n: int, ring_rows: int) -> list[tuple[int, int, int]]:
+    """Split padded rows ``[x_lo, x_lo+n)`` into ``(physical_start, offset, length)`` runs of the ring."""
+    if n > ring_rows:
+        raise ValueError(f"{n} rows do not fit a ring of {ring_rows} rows")
+    p = x_lo % ring_rows
+    first = min(n, ring_rows - p)
+    segs = [(p, 0, first)]
+    if first < n:
+        segs.append((0, first, n - first))
+    return segs
 
 class TorchStitcher:
     """Sliding-window inference of a device image ``(C, X, Y, Z)``, yielding finished float32 row chunks.

@@ -1,7 +1,8 @@
-"""NumPy reference kernels for resampling: the truth other kernels are tested against.
+"""The CPU engine's resampler and inverter (NumPy): Spacingd's resampling, Invertd's nearest and bilinear inversion —
+the production code, and the truth the device kernels (``segrt.engine.gpu``, ``segrt.kernels``) are tested against.
 
 Semantics are MONAI 1.6.1 ``SpatialResample`` on the torch path (``affine_grid`` + ``grid_sample`` in
-float64, ``padding_mode="border"``, ``align_corners=False``), see MONAI_NOTES §3.5-3.6 and §6.3.
+float64, ``padding_mode="border"``, ``align_corners=False``), see ``docs/semantics.md`` (spacing; inversion).
 
 ``M`` (4x4) maps an *output* voxel index ``o`` to a *source* voxel index (``M = solve(A_src, A_dst)``).
 Mathematically the source coordinate is just ``p = M·[o; 1]``, but MONAI does not compute it that way,
