@@ -22,7 +22,8 @@ def cache(tmp_path_factory, demo_default_artifact):
     d = tmp_path_factory.mktemp("cache")
     (d / f"demo-artifact-{_bundle_digest(DEMO_BUNDLE)}").symlink_to(demo_default_artifact, target_is_directory=True)
     mp.setenv("SEGRT_CACHE", str(d))
-    assert demo_artifact(log=None).resolve() == demo_default_artifact.resolve()  # a cache hit, no export
+    hit = demo_artifact(log=lambda msg: pytest.fail(f"expected the cached artifact, got: {msg}"))
+    assert hit.resolve() == demo_default_artifact.resolve()
     yield d
     mp.undo()
 
