@@ -132,3 +132,33 @@ def test_bad_options_are_refused_at_load(art):
         Engine.load(art, device="cpu", accum_dtype="float8")
     with pytest.raises(UsageError, match="threads"):
         Engine.load(art, device="cpu", threads=0)
+
+
+def test_device_pipeline_plans_once_and_matches_the_numpy_engine(tmp_path, counts):
+    """The torch pipeline (run on torch's CPU device) consumes the same plan: one of each, same labels."""
+    torch = pytest.importorskip("torch")
+    from segrt.engine.gpu import TorchPipeline
+    from segrt.engine.plan import make_plan
+    from segrt.spec import Spec
+    from segrt.volume import load_nifti
+
+    art_dir = _artifact(tmp_path)
+    from segrt import Engine
+
+    vol = load_nifti(_ct(tmp_path / "ct.nii.gz", shape=(40, 33, 21)))
+    with Engine.load(art_dir, device="cpu") as eng:
+        ref = eng.segment(vol, progress=False)
+        spec = eng.spec
+        session = eng.backend
+
+        def infer_torch(x):
+            return torch.from_numpy(session.infer(x.numpy()))
+
+        pipe = TorchPipeline(spec, infer_torch, "cpu", accum_dtype=torch.float32)
+        counts.clear()
+        plan = make_plan(spec, vol.affine, vol.spatial_shape, vol.num_channels)
+        res = pipe.segment(vol, plan=plan)
+    assert isinstance(spec, Spec)
+    assert dict(counts) == {"windows": 1, "cells": 1, "plan_geometry": 1, "plan_spacing": 1,
+                            "plan_orientation": 1}, dict(counts)
+    np.testing.assert_array_equal(res.labels, ref.labels)

@@ -30,9 +30,8 @@ from segrt.artifact import Artifact
 from segrt.engine import preprocess as pp
 from segrt.engine.backends import select_backend
 from segrt.engine.budget import measure_workspace, plan_memory, parse_size
-from segrt.engine.plan import Calibration, SegmentationPlan
-from segrt.engine.stitch import CellGrid, sliding_window_blocks, sliding_window_stream, window_maxima
-from segrt.engine.tiling import plan_windows
+from segrt.engine.plan import Calibration, SegmentationPlan, make_plan
+from segrt.engine.stitch import sliding_window_blocks, sliding_window_stream, window_maxima
 from segrt.errors import UsageError, VolumeError
 from segrt.safety import check_output_file
 from segrt.volume import RawImage, Volume, inspect_nifti, load_nifti, read_nifti, save_labels
@@ -306,10 +305,10 @@ class Engine:
         vol = self._as_volume(source, affine, on_device=on_device)
         timings["load"] = time.perf_counter() - t0
 
-        if on_device:
-            return self._segment_on_device(vol, timings, output, return_probabilities)
-
         plan = self._plan_for(vol)  # the one plan of this call: nothing below plans again
+        if on_device:
+            return self._segment_on_device(vol, plan, timings, output, return_probabilities)
+
         t0 = time.perf_counter()
         K = spec.num_classes
         lab_dtype = np.dtype(spec.label_dtype)
@@ -432,21 +431,10 @@ class Engine:
         """Geometry, windows, skip rule and the memory plan (``segrt.engine.budget``) for one input; BudgetError if
         the declared budget cannot be met — raised before anything runs."""
         spec = self.spec
-        if channels != spec.in_channels:
-            raise VolumeError(f"the model takes {spec.in_channels} channel(s), the input has {channels}")
-        post = spec.postprocessing
-        # Invertd(bilinear) on probabilities, argmax afterwards: streamed slab by slab. (Nearest inversion of
-        # probabilities followed by argmax picks the same source voxel as argmax followed by nearest inversion
-        # of labels, so that case takes the cheaper label path.)
-        use_inverter = post.order == "invert_then_argmax" and post.invert_interp == "bilinear"
-        rule = spec.inference.skip_rule if self.skip_empty else None
-        geometry = pp.plan_geometry(affine, spatial_shape, spec.preprocessing)
-        res_shape = geometry.output_shape
-        windows = plan_windows(res_shape, spec.inference)  # the batch size does not move windows
-        cells = CellGrid(windows)
-        mplan = None
-        if not self._on_device():
-            fresh = self.capabilities.fresh_outputs
+
+        def memory_plan(geometry, cells, use_inverter: bool, skip: bool):
+            if self._on_device():
+                return None  # the device pipeline's buffers are not planned by the CPU budget
             acc = self.accum_dtype
             base = None
             if self.max_memory is None:
@@ -460,17 +448,15 @@ class Engine:
 
                 def workspace(b):
                     return measure_workspace(self.backend, b)
-            mplan = plan_memory(spec.inference, spec.num_classes, spec.in_channels, tuple(spatial_shape), res_shape,
-                                self.max_memory, input_bytes=int(input_bytes),
-                                label_bytes=np.dtype(spec.label_dtype).itemsize, workspace=workspace,
-                                skip=rule is not None, slabs=use_inverter, inplace_weighting=fresh,
-                                threads=self.stitch_threads, accum_dtype=acc, grid=cells,
-                                **({} if base is None else {"base": base}))
-        inf = spec.inference if mplan is None else mplan.inference_spec(spec.inference)
-        return SegmentationPlan(in_channels=spec.in_channels, num_classes=spec.num_classes,
-                                label_dtype=spec.label_dtype, geometry=geometry, inference=inf,
-                                windows=windows, cells=cells, skip_rule=rule, use_inverter=use_inverter,
-                                memory=mplan, backend=self.backend.name, device=self.device)
+            return plan_memory(spec.inference, spec.num_classes, spec.in_channels, tuple(spatial_shape),
+                               geometry.output_shape, self.max_memory, input_bytes=int(input_bytes),
+                               label_bytes=np.dtype(spec.label_dtype).itemsize, workspace=workspace, skip=skip,
+                               slabs=use_inverter, inplace_weighting=self.capabilities.fresh_outputs,
+                               threads=self.stitch_threads, accum_dtype=acc, grid=cells,
+                               **({} if base is None else {"base": base}))
+
+        return make_plan(spec, affine, spatial_shape, channels, skip_empty=self.skip_empty,
+                         memory_plan=memory_plan, backend=self.backend.name, device=self.device)
 
     def _on_device(self) -> bool:
         return self.device == "cuda" and self.capabilities.device_arrays
@@ -485,7 +471,8 @@ class Engine:
         self.backend.infer(x)
         return Calibration(self.backend.name, b, time.perf_counter() - t0)
 
-    def _segment_on_device(self, vol: Volume | RawImage, timings: dict, output, return_probabilities: bool) -> Segmentation:
+    def _segment_on_device(self, vol: Volume | RawImage, plan: SegmentationPlan, timings: dict, output,
+                           return_probabilities: bool) -> Segmentation:
         """The whole pipeline on the GPU (segrt.engine.gpu.TorchPipeline); only labels come back to the host."""
         import torch
 
@@ -496,7 +483,7 @@ class Engine:
             where = self.capabilities.torch_device or "cuda"
             self._gpu_pipeline = TorchPipeline(self.spec, self.backend.infer_torch, where, accum_dtype=accum,
                                                batch_size=self.backend.max_batch, skip_empty=self.skip_empty)
-        res = self._gpu_pipeline.segment(vol, return_probabilities=return_probabilities)
+        res = self._gpu_pipeline.segment(vol, plan=plan, return_probabilities=return_probabilities)
         t = res.timings
         timings["preprocess"] = t.get("upload", 0.0) + t.get("preprocess", 0.0)
         timings["infer"] = t.get("infer", 0.0)

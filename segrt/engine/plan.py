@@ -13,13 +13,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Callable
+
 from segrt.engine.budget import MemoryPlan, format_size
+from segrt.engine import preprocess as pp
 from segrt.engine.preprocess import PreprocessRecord
 from segrt.engine.stitch import CellGrid
-from segrt.engine.tiling import WindowPlan
-from segrt.spec import InferenceSpec, SkipRule
+from segrt.engine.tiling import WindowPlan, plan_windows
+from segrt.errors import VolumeError
+from segrt.spec import InferenceSpec, SkipRule, Spec
 
-__all__ = ["SegmentationPlan", "Calibration"]
+__all__ = ["SegmentationPlan", "Calibration", "make_plan"]
 
 
 @dataclass(frozen=True)
@@ -122,3 +126,27 @@ class SegmentationPlan:
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
+
+
+def make_plan(spec: Spec, affine, spatial_shape, channels: int, *, skip_empty: bool = True,
+              memory_plan: Callable | None = None, backend: str = "", device: str = "cpu") -> SegmentationPlan:
+    """The plan of one input of ``spatial_shape`` with ``affine`` (both pipelines' only planning path).
+
+    ``memory_plan(geometry, cells, use_inverter, skip) -> MemoryPlan | None``: the CPU engine's budget planner
+    (:func:`segrt.engine.budget.plan_memory`); its batch size becomes the plan's."""
+    if channels != spec.in_channels:
+        raise VolumeError(f"the model takes {spec.in_channels} channel(s), the input has {channels}")
+    post = spec.postprocessing
+    # Invertd(bilinear) on probabilities, argmax afterwards: streamed slab by slab. (Nearest inversion of
+    # probabilities followed by argmax picks the same source voxel as argmax followed by nearest inversion of
+    # labels, so that case takes the cheaper label path.)
+    use_inverter = post.order == "invert_then_argmax" and post.invert_interp == "bilinear"
+    rule = spec.inference.skip_rule if skip_empty else None
+    geometry = pp.plan_geometry(affine, spatial_shape, spec.preprocessing)
+    windows = plan_windows(geometry.output_shape, spec.inference)  # the batch size does not move windows
+    cells = CellGrid(windows)
+    mplan = None if memory_plan is None else memory_plan(geometry, cells, use_inverter, rule is not None)
+    inf = spec.inference if mplan is None else mplan.inference_spec(spec.inference)
+    return SegmentationPlan(in_channels=spec.in_channels, num_classes=spec.num_classes, label_dtype=spec.label_dtype,
+                            geometry=geometry, inference=inf, windows=windows, cells=cells, skip_rule=rule,
+                            use_inverter=use_inverter, memory=mplan, backend=backend, device=device)

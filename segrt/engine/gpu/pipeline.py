@@ -32,7 +32,7 @@ import segrt.engine.gpu.preprocess as gpp
 from segrt.engine.gpu.invert import TorchProbabilityInverter, invert_labels, unorient
 from segrt.engine.gpu.stitch import TorchStitcher
 from segrt.engine.gpu.timing import StageTimer
-from segrt.engine.tiling import plan_windows
+from segrt.engine.plan import SegmentationPlan, make_plan
 from segrt.errors import SpecError, VolumeError
 from segrt.spec import Spec
 from segrt.volume import RawImage, Volume
@@ -108,44 +108,40 @@ class TorchPipeline:
                               f"{volume.num_channels} (array shape {volume.array.shape})")
         return volume
 
-    def _preprocess(self, volume: Volume | RawImage, skip_rule=None):
-        """Device preprocessing: ``(image (C, X', Y', Z') float32 device tensor, PreprocessRecord, skip)`` with
-        ``skip`` the per-window flags of ``skip_rule`` (decided before the intensity ops), or None without one."""
+    def _preprocess(self, raw: torch.Tensor, plan: SegmentationPlan):
+        """Device preprocessing on the plan's geometry: ``(image (C, X', Y', Z') float32 device tensor, skip)`` with
+        ``skip`` the per-window flags of the plan's skip rule (decided before the intensity ops), or None."""
         pre = self.spec.preprocessing
-        raw = self._raw
-        in_shape = tuple(int(s) for s in raw.shape[1:])
-        img, or_affine, ornt = gpp.orient(raw, volume.affine, pre.orientation)
-        or_shape = img.shape
-        plan = None
-        affine = or_affine
-        if pre.spacing is not None:
-            plan = pp.plan_spacing(or_affine, or_shape, pre.spacing.pixdim)
-            affine = plan.out_affine
-        if plan is not None and not plan.noop:
+        geo = plan.geometry
+        img = gpp.oriented(raw, geo.ornt)
+        sp = geo.spacing
+        if sp is not None and not sp.noop:
             if pre.spacing.mode == "bilinear":
-                x = gpp.resample_linear(img, plan.M, plan.out_shape, dtype=self.resample_dtype)
+                x = gpp.resample_linear(img, sp.M, sp.out_shape, dtype=self.resample_dtype)
             elif pre.spacing.mode == "nearest":
-                x = gpp.resample_nearest(img, plan.M, plan.out_shape).to(torch.float32)
+                x = gpp.resample_nearest(img, sp.M, sp.out_shape).to(torch.float32)
             else:
                 raise SpecError(f"spacing mode must be 'bilinear' or 'nearest', received {pre.spacing.mode!r}")
         else:
             x = img.materialize(copy=True)
         skip = None
-        if skip_rule is not None:  # on the resampled input, before the intensity transforms (as the CPU)
-            skip = window_maxima(x, plan_windows(tuple(x.shape[1:]), self.spec.inference)) < skip_rule.threshold
+        if plan.skip_rule is not None:  # on the resampled input, before the intensity transforms (as the CPU)
+            skip = window_maxima(x, plan.windows) < plan.skip_rule.threshold
         x = gpp.apply_intensity(x, pre.intensity).contiguous()
-        record = pp.PreprocessRecord(
-            input_shape=in_shape, input_affine=np.asarray(volume.affine, dtype=np.float64), ornt=ornt,
-            oriented_shape=or_shape, oriented_affine=or_affine, spacing=plan,
-            output_shape=tuple(int(s) for s in x.shape[1:]), output_affine=affine)
-        return x, record, skip
+        return x, skip
 
-    def segment(self, volume: Volume | RawImage, return_probabilities: bool = False) -> PipelineResult:
+    def segment(self, volume: Volume | RawImage, return_probabilities: bool = False,
+                plan: SegmentationPlan | None = None) -> PipelineResult:
         """Segment ``volume`` (a :class:`Volume`, or a :class:`RawImage` as stored in its file: uploaded in its own
         dtype and memory order); labels on its own grid, Fortran-ordered. ``return_probabilities`` also returns the stitched (softmax)
         probabilities on the preprocessed grid in ``metadata["probabilities"]`` (K × volume: tests only)."""
         vol = self._check(volume)
         spec, dev = self.spec, self.device
+        if plan is None:  # standalone use: the same planning path as the engine's (segrt.engine.plan)
+            plan = make_plan(spec, vol.affine, vol.spatial_shape, vol.num_channels,
+                             skip_empty=self.skip_rule is not None, device=str(dev))
+        rule = plan.skip_rule
+        record = plan.geometry
         cuda = dev.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(dev)
@@ -154,22 +150,19 @@ class TorchPipeline:
         total = timer.start("total")
         with torch.inference_mode():
             with timer("upload"):
-                self._raw = self.uploader.upload(vol.array)
-            try:
-                with timer("preprocess"):
-                    if vol.array.dtype.kind == "f" and not bool(torch.isfinite(self._raw).all()):
-                        raise VolumeError("input holds NaN/Inf voxel(s); expected finite intensities")
-                    rule = self.skip_rule
-                    image, record, skip = self._preprocess(vol, rule)
-            finally:
-                self._raw = None  # the upload is not needed any more
+                raw = self.uploader.upload(vol.array)
+            with timer("preprocess"):
+                if vol.array.dtype.kind == "f" and not bool(torch.isfinite(raw).all()):
+                    raise VolumeError("input holds NaN/Inf voxel(s); expected finite intensities")
+                image, skip = self._preprocess(raw, plan)
+            del raw  # the upload is not needed any more
             res_shape = record.output_shape
             K = spec.num_classes
             post = spec.postprocessing
             tok = timer.start("stitch")
             n_skip = 0 if skip is None else int(skip.sum())
-            stitcher = TorchStitcher(image, spec.inference, self.infer_torch, K, self.accum_dtype,
-                                     batch_size=self.batch_size, skip=skip,
+            stitcher = TorchStitcher(image, plan.inference, self.infer_torch, K, self.accum_dtype,
+                                     batch_size=self.batch_size, skip=skip, windows=plan.windows,
                                      **({} if rule is None else {"background_class": rule.background_class,
                                                                  "skip_margin": rule.margin}))
             infer_tok = [None]
@@ -187,7 +180,7 @@ class TorchPipeline:
             probs_full = (torch.empty((K, *res_shape), dtype=torch.float32, device=dev)
                           if return_probabilities else None)
             inverter = labels_res = None
-            if post.order == "invert_then_argmax" and post.invert_interp == "bilinear":
+            if plan.use_inverter:
                 sp = record.spacing
                 M = np.eye(4) if sp is None or sp.inverse_noop else sp.M_inv
                 inverter = TorchProbabilityInverter(M, res_shape, record.oriented_shape, K,
@@ -224,7 +217,7 @@ class TorchPipeline:
                 host.copy_(labels_dev.permute(2, 1, 0).contiguous())
             timer.stop(total)
         timings = timer.results(STAGES + ("total",))
-        n_win = plan_windows(res_shape, spec.inference).n_windows
+        n_win = plan.n_windows
         meta = {
             "device": str(dev),
             "windows": n_win,

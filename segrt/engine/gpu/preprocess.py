@@ -153,21 +153,26 @@ class OrientedImage:
         return out.clone() if copy and out.data_ptr() == self.raw.data_ptr() else out
 
 
-def orient(raw: torch.Tensor, affine: np.ndarray, axcodes: str | None):
-    """Orientationd on a device tensor: ``(OrientedImage, oriented_affine, ornt or None)``.
-
-    The geometry comes from :func:`segrt.engine.preprocess.orient` applied to a zero-stride stand-in array.
-    """
+def oriented(raw: torch.Tensor, ornt) -> "OrientedImage":
+    """Orientationd's data part on a device tensor, from a planned ``ornt`` (:func:`segrt.engine.preprocess.
+    plan_geometry`; None: no orientation): flips folded into later gathers, see :class:`OrientedImage`."""
     if raw.dim() != 4:
         raise VolumeError(f"expected a channel-first (C, X, Y, Z) tensor, received shape {tuple(raw.shape)}")
-    affine = np.asarray(affine, dtype=np.float64)
-    if axcodes is None:
-        return OrientedImage(raw), affine, None
-    stand_in = np.broadcast_to(np.zeros((), np.float32), tuple(raw.shape))
-    _, new_affine, ornt = pp.orient(stand_in, affine, axcodes.upper())
+    if ornt is None:
+        return OrientedImage(raw)
     perm = tuple(int(p) for p in np.argsort(ornt[:, 0]))  # oriented axis p ← input axis perm[p]
     flips = tuple(bool(ornt[perm[p], 1] == -1) for p in range(3))
-    return OrientedImage(raw, perm, flips), new_affine, ornt
+    return OrientedImage(raw, perm, flips)
+
+
+def orient(raw: torch.Tensor, affine: np.ndarray, axcodes: str | None):
+    """Orientationd on a device tensor: ``(OrientedImage, oriented_affine, ornt or None)``; the geometry is
+    :func:`segrt.engine.preprocess.plan_orientation`'s, the data part :func:`oriented`."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if axcodes is None:
+        return oriented(raw, None), affine, None
+    new_affine, ornt = pp.plan_orientation(affine, tuple(raw.shape[1:]), axcodes.upper())
+    return oriented(raw, ornt), new_affine, ornt
 
 
 # ---- resampling ------------------------------------------------------------------------------

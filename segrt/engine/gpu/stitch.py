@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from segrt.engine.stitch import SKIP_MARGIN, slab_bounds
-from segrt.engine.tiling import plan_windows, importance_map
+from segrt.engine.tiling import WindowPlan, importance_map, plan_windows
 from segrt.errors import InferenceError, SpecError
 from segrt.spec import InferenceSpec
 
@@ -45,6 +45,7 @@ def ring_segments(x_lo: int, n: int, ring_rows: int) -> list[tuple[int, int, int
         segs.append((0, first, n - first))
     return segs
 
+
 class TorchStitcher:
     """Sliding-window inference of a device image ``(C, X, Y, Z)``, yielding finished float32 row chunks.
 
@@ -56,7 +57,7 @@ class TorchStitcher:
     def __init__(self, image: torch.Tensor, spec: InferenceSpec, infer: Callable, num_classes: int,
                  accum_dtype: torch.dtype = torch.float32, chunk_bytes: int = _FINAL_CHUNK_BYTES,
                  batch_size: int | None = None, skip=None, background_class: int = 0,
-                 skip_margin: float = SKIP_MARGIN):
+                 skip_margin: float = SKIP_MARGIN, windows: WindowPlan | None = None):
         if not isinstance(spec, InferenceSpec):
             raise SpecError(f"spec must be an InferenceSpec, got {type(spec).__name__}")
         if image.dim() != 4 or image.dtype != torch.float32:
@@ -68,7 +69,11 @@ class TorchStitcher:
         self.infer = infer
         self.k = int(num_classes)
         self.accum_dtype = accum_dtype
-        self.plan = plan_windows(tuple(image.shape[1:]), spec)
+        # the caller's planned windows (segrt.engine.plan), else planned here
+        self.plan = plan_windows(tuple(image.shape[1:]), spec) if windows is None else windows
+        if tuple(self.plan.spatial_shape) != tuple(image.shape[1:]) or tuple(self.plan.roi_size) != tuple(spec.roi_size):
+            raise SpecError(f"the window plan is for {self.plan.spatial_shape} / roi {self.plan.roi_size}, the image "
+                            f"is {tuple(image.shape[1:])} / roi {tuple(spec.roi_size)}")
         self.device = image.device
         pads = self.plan.pads
         if any(lo or hi for lo, hi in pads):
