@@ -47,7 +47,7 @@ a value of the wrong type (``"softmax": "false"``: a string, not the boolean ``f
 ``roi_size``) are refused with a :class:`~segrt.errors.SpecError` that names the key, where it is
 (``spec.inference``) and the nearest valid key. ``from_dict(spec.to_dict()) == spec`` for every spec.
 
-All semantics follow MONAI 1.6.1 exactly (see ``../shared/MONAI_NOTES.md`` in the project's workspace).
+All semantics follow MONAI 1.6.1 exactly (``docs/semantics.md`` states them stage by stage, with MONAI source citations).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ voxel-to-world (RAS, millimetre) affine, in nibabel's index order (no transpose,
 
 :func:`load_nifti` reproduces MONAI 1.6.1 ``LoadImaged`` (NibabelReader) followed by
 ``EnsureChannelFirstd`` for NIfTI files, including MONAI's header correction
-(``correct_nifti_header_if_necessary`` / ``rectify_header_sform_qform``), see MONAI_NOTES §1:
+(``correct_nifti_header_if_necessary`` / ``rectify_header_sform_qform``), see docs/semantics.md §1:
 
 * ``d = dim[0]``; when the header zooms ``pixdim[1:d+1]`` do not match the column norms of
   ``affine[:d, :d]`` (``np.allclose`` defaults), the sform is replaced by the qform (or vice
@@ -649,7 +649,7 @@ def _read_nifti_data(p: Path):
 
 
 def load_nifti(path: str | os.PathLike) -> Volume:
-    """Read a NIfTI file exactly as MONAI's LoadImaged + EnsureChannelFirstd would (MONAI_NOTES §1)."""
+    """Read a NIfTI file exactly as MONAI's LoadImaged + EnsureChannelFirstd would (docs/semantics.md §1)."""
     return read_nifti(path).to_volume()
 
 

@@ -93,7 +93,7 @@ def test_brain_spec():
     assert len(s.class_names) == 12
 
 
-# ---- config strings: "False" is truthy (MONAI_NOTES §4) -----------------------------------------
+# ---- config strings: "False" is truthy (docs/semantics.md §4) -----------------------------------------
 
 def test_string_false_acts_as_true_in_spec_and_engine(tmp_path):
     """NormalizeIntensityd(nonzero="False", channel_wise="False") behaves as (True, True) in MONAI and in segrt."""

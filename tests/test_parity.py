@@ -5,7 +5,7 @@ than the 96³ roi along the first axis and smaller along the others (so padding 
 The float32 volume's spacings (0.9, 1.2, 2.7; float32 in the NIfTI header) give no exact .5 source coordinates
 for nearest inversion. The int16 variant is integer CT with many exact-0 voxels at spacings NIfTI stores exactly
 (0.75, 1.25, 2.5): many source coordinates fall on exact integers and .5 ties, where MONAI's float64 noise decides
-which voxels stay 0 for NormalizeIntensityd(nonzero=True) and which way nearest rounds (MONAI_NOTES §3.6, §6.3);
+which voxels stay 0 for NormalizeIntensityd(nonzero=True) and which way nearest rounds (docs/semantics.md §3.6, §6);
 segrt follows torch's coordinate arithmetic, so both must still agree.
 """
 

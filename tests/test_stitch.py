@@ -93,7 +93,7 @@ def test_bit_identical_to_monai(shape, roi, overlap, bs):
 
 
 def test_float16_outputs_weighted_like_monai():
-    """A float16 network output is weighted in place in float16 (MONAI_NOTES §7) before float32 accumulation."""
+    """A float16 network output is weighted in place in float16 (docs/semantics.md §5, item 7) before float32 accumulation."""
     torch = pytest.importorskip("torch")
     swi = pytest.importorskip("monai.inferers").sliding_window_inference
     torch.manual_seed(1)

@@ -65,7 +65,7 @@ def test_plan_matches_monai(shape, roi, overlap):
 
 
 def test_known_values_from_notes():
-    # MONAI_NOTES §5.3/§5.4: roi 96, overlap 0.7 -> interval 28; S=200, iv=48 -> 0,48,96,104
+    # docs/semantics.md §5.3/§5.4: roi 96, overlap 0.7 -> interval 28; S=200, iv=48 -> 0,48,96,104
     assert scan_interval((200, 200, 200), (96, 96, 96), (0.25, 0.5, 0.7)) == (72, 48, 28)
     assert window_starts(200, 96, 48) == (0, 48, 96, 104)
     assert scan_interval((96, 97, 50), (96, 96, 50), (0.5, 0.5, 0.5)) == (96, 48, 50)

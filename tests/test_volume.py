@@ -81,7 +81,7 @@ def test_4d_single_channel(tmp_path, rng, variant):
     nib.save(img, p)
     vol = _check_same_as_monai(p)
     assert vol.array.shape == (1, 6, 5, 4)
-    if variant == "sform_only":  # MONAI drops the flips and the translation here (MONAI_NOTES §1)
+    if variant == "sform_only":  # MONAI drops the flips and the translation here (docs/semantics.md §1)
         np.testing.assert_allclose(vol.affine, np.diag([0.8, 0.8, 2.5, 1.0]))
     else:
         np.testing.assert_allclose(vol.affine, _flip_affine())

@@ -1,6 +1,6 @@
 """Preprocessing exactly as MONAI 1.6.1 runs it: Orientationd → Spacingd → intensity transforms.
 
-NumPy only. References: MONAI_NOTES §2 (orientation), §3 (spacing), §4 (intensity). The
+NumPy only. References: docs/semantics.md §2 (orientation), §3 (spacing), §4 (intensity). The
 :class:`PreprocessRecord` returned by :func:`preprocess` holds everything needed to map a result
 back onto the input grid (what MONAI's ``Invertd`` does), see :meth:`PreprocessRecord.invert_labels`
 and :meth:`PreprocessRecord.probability_inverter`.
@@ -51,7 +51,7 @@ def _spacing(affine: np.ndarray) -> np.ndarray:
     return sp
 
 
-# ---- orientation (MONAI_NOTES §2) ------------------------------------------------------------
+# ---- orientation (docs/semantics.md §2) ------------------------------------------------------------
 def orient(array: np.ndarray, affine: np.ndarray, axcodes: str):
     """Reorient ``array (C, X, Y, Z)`` to ``axcodes`` like MONAI ``Orientationd``.
 
@@ -102,7 +102,7 @@ def unorient_labels(labels: np.ndarray, ornt: np.ndarray, orig_shape) -> np.ndar
     return out
 
 
-# ---- spacing (MONAI_NOTES §3) ----------------------------------------------------------------
+# ---- spacing (docs/semantics.md §3) ----------------------------------------------------------------
 @dataclass
 class SpacingPlan:
     """Spacingd's geometry for one input grid.
@@ -226,7 +226,7 @@ def apply_spacing(array: np.ndarray, plan: SpacingPlan, mode: str = "bilinear") 
     raise SpecError(f"spacing mode must be 'bilinear' or 'nearest', received {mode!r}")
 
 
-# ---- intensity (MONAI_NOTES §4) ---------------------------------------------------------------
+# ---- intensity (docs/semantics.md §4) ---------------------------------------------------------------
 _f32 = np.float32
 
 
@@ -237,7 +237,7 @@ def _std_f32(x: np.ndarray) -> np.float32:
 
 def _mean_f32(x: np.ndarray) -> np.float32:
     """Mean with float32 pairwise accumulation: equal to torch's float32 cascade mean in most cases
-    (34/40 random trials; 25/40 for the float64 mean rounded), otherwise 1 ulp off (MONAI_NOTES §4)."""
+    (34/40 random trials; 25/40 for the float64 mean rounded), otherwise 1 ulp off (docs/semantics.md §4)."""
     return _f32(np.mean(x, dtype=np.float32))
 
 

@@ -1,7 +1,7 @@
 """Streaming sliding-window inference: run windows, blend them, hand out finished blocks as soon as they are final.
 
 :func:`sliding_window_blocks` reproduces ``monai.inferers.sliding_window_inference`` (MONAI 1.6.1,
-``MONAI_NOTES.md`` §5) bit for bit — same padding, windows, batches, importance map and float32 per-voxel
+``docs/semantics.md`` §5) bit for bit — same padding, windows, batches, importance map and float32 per-voxel
 accumulation order — but holds only the voxels that are *live* (touched by some window, not yet by the last
 window that covers them).
 

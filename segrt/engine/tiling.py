@@ -1,7 +1,7 @@
 """Sliding-window geometry: padding, scan intervals, window starts and the importance map.
 
 Pure functions (NumPy only) that reproduce ``monai.inferers.sliding_window_inference`` (MONAI 1.6.1,
-``MONAI_NOTES.md`` §5) exactly:
+``docs/semantics.md`` §5) exactly:
 
 * **padding** (§5.2): per spatial axis ``diff = max(roi - size, 0)``, ``low = diff // 2``,
   ``high = diff - low`` (the odd voxel goes to the high end); ``constant`` pads with ``cval``,

@@ -1,5 +1,5 @@
 """Back to the input grid on a torch device: Invertd(nearest) of labels, streaming Invertd(bilinear)+argmax of
-probabilities, and un-orientation (MONAI_NOTES §6.3). Same results as :class:`segrt.engine.preprocess.PreprocessRecord`
+probabilities, and un-orientation (docs/semantics.md §6). Same results as :class:`segrt.engine.preprocess.PreprocessRecord`
 and :class:`segrt.engine.resample.ProbabilityInverter`.
 """
 

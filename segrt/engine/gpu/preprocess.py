@@ -1,4 +1,4 @@
-"""Preprocessing on a torch device, with the results of :mod:`segrt.engine.preprocess` (MONAI_NOTES §2-§4).
+"""Preprocessing on a torch device, with the results of :mod:`segrt.engine.preprocess` (docs/semantics.md §2-§4).
 
 The *geometry* (orientation codes, Spacingd's affine, shape and index map ``M``, per-axis interpolation
 tables) is computed on the host by the NumPy engine's own functions — it is tiny — and only the data work runs

@@ -1,7 +1,7 @@
 """Streaming sliding-window stitching on a torch device (the device twin of :mod:`segrt.engine.stitch`).
 
 Same windows, batches, importance map and per-voxel float32 addition order as MONAI's
-``sliding_window_inference`` (MONAI_NOTES §5): the batch is weighted first (``pred * w`` rounded to the
+``sliding_window_inference`` (docs/semantics.md §5): the batch is weighted first (``pred * w`` rounded to the
 prediction's dtype, as MONAI's in-place ``pred *= w``), then windows are added one after another in window
 order into a ring of ``roi_x`` rows along axis 0 (``acc (K, roi_x, Yp, Zp)`` + ``count (roi_x, Yp, Zp)``).
 When every window of an axis-0 start is in, the rows below the next start are final: they are divided by the
