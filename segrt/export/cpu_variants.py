@@ -11,11 +11,14 @@ Variants:
   ``INFERENCE_PRECISION_HINT="bf16"`` (:mod:`segrt.engine.backends.openvino_cpu`). Gated only on a CPU
   that computes bf16 natively - elsewhere OpenVINO would run f32 and the gate would measure nothing.
 
-(int8 static QDQ was measured too - ``benchmarks/bench_runtimes.py``, ``benchmarks/results/cpu_runtimes_*.json``:
-OpenVINO running the QDQ model was the fastest runtime (3.4x ORT fp32 vs 2.1x for bf16 on the full wholeBody
-SegResNet) and passed this gate on the trained demo network, but on the random-weight wholeBody network it
-agreed with fp32 on only 55 % of voxels; its accuracy depends on calibration data representative of real scans,
-which phantoms are not, and ORT's calibrator needed 10 GB for 4 full-size patches. It is not offered yet.)
+(int8 static QDQ was measured too, by ``python benchmarks/bench_runtimes.py``; results in
+``benchmarks/results/cpu_runtimes_2026-11-26.json``. OpenVINO running the QDQ model was the fastest runtime, ahead
+of bf16, on the full wholeBody SegResNet (``runtimes.*.speedup_vs_ort_fp32``) and passed this gate on the trained
+demo network (``demo_trained_network``), but on the random-weight wholeBody network it disagreed with fp32 on a
+large share of voxels (``runtimes.openvino-int8.accuracy_vs_ort_fp32``): its accuracy depends on calibration data
+representative of real scans, which phantoms are not, and ORT's calibrator keeps every calibration patch's
+intermediate results, so few full-size patches fit in memory (see ``--calib`` in ``benchmarks/bench_runtimes.py``;
+the memory peak is not in a committed result). It is not offered yet.)
 
 The gate (reference: ONNX Runtime fp32 on ``model_fp32.onnx``, i.e. the fp32 segrt result; ``samples``
 batches of ``batch`` CT-like phantom patches after the spec's intensity ops, :func:`ct_like_patches`):

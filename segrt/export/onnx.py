@@ -1,35 +1,25 @@
 """Export a torch network to ONNX with a fixed patch size and a dynamic batch dimension.
 
-Exporter choice (measured on this project's CPU box, torch 2.13 / onnxscript, opset 18, 96³ patches):
-
-============================  ==============  ==================  ======================
-model                          dynamo=True     dynamo=False (TS)   both: dynamic batch, checker OK,
-============================  ==============  ==================  ORT batch 2 runs
-spleen UNet (16..256, 2 res)   5.4-6.5 s       1.3 s
-SegResNet (init_filters 8)     4.0-4.4 s       2.7-3.1 s
-SegResNet (16, 105 ch, 64³)    6.4 s           1.0 s
-wholeBody SegResNet (32, 105)  12.7 s          -
-============================  ==============  ==================  ======================
-
-Accuracy is the same for both: the 64³ SegResNet gave a bit-identical ORT-vs-torch report (max
-1.6e-5, mean 1.4e-6) with either exporter.
-
-Transformers (133 output channels, random weights, gate passed with either exporter):
-
-============================================  ==============  ==================
-UNETR (hidden 192, feature 16, 64³)            9.7-15 s        4.1 s (32³)
-SwinUNETR (feature 12, depths 2,2,2,2, 64³)    77-139 s        33 s
-SwinUNETR (feature 12, depths 2,1,1,1, 64³)    35 s            -
-============================================  ==============  ==================
+Exporter choice. Both exporters (``torch.onnx.export`` with ``dynamo=True``, and the TorchScript-based one with
+``dynamo=False``) produce a model with a dynamic batch dimension that passes the ONNX checker and runs in ONNX
+Runtime at batch 2, for monai's UNet and SegResNet and, with random weights, for UNETR and SwinUNETR; the
+ORT-vs-torch accuracy gate (:mod:`segrt.export.gate`) passes with either (for a SegResNet the two reports were
+identical). The dynamo exporter is the slower one to export, and its time grows with the
+number of attention blocks (SwinUNETR is the slowest). No committed result or benchmark compares the two
+exporters (time one against the other with :func:`export_onnx`'s ``exporter="dynamo"`` / ``"torchscript"``);
+every artifact's manifest records which exporter wrote it and how long it took (``models.fp32.exporter`` /
+``export_seconds``), and dynamo export times and gate reports of full-size SwinUNETR and UNETR are in
+``benchmarks/results/transformers_2026-11-26.json`` (reproduce with ``python benchmarks/bench_brain.py
+--transformers``).
 
 Both need ``einops`` (monai's ViT and Swin blocks import it through ``optional_import``; without it *both*
 exporters fail with ``OptionalImportError``, so it is in the ``export`` extra). SwinUNETR needs a roi that is
 a multiple of 32 and at least 64 (at 32³ its deepest stage is 1 voxel and InstanceNorm raises in either
-exporter). Dynamo's time grows with the number of attention blocks; ORT-vs-torch max |Δlogit| ~1e-5.
+exporter).
 
 Both exporters succeed for SegResNet and UNet. We use the **dynamo** exporter first because it is the
 exporter torch maintains (the default since torch 2.9; the TorchScript-based one is deprecated and
-slated for removal), so artifacts keep exporting on future torch versions; its extra seconds do not
+slated for removal), so artifacts keep exporting on future torch versions; its slower export does not
 matter for a one-off export. We fall back to the TorchScript exporter when dynamo fails - notably for
 TorchScript *sources* (``torch.jit.load`` modules cannot go through ``torch.export``) - and record
 which exporter produced the file, and why a fallback happened, in the manifest.

@@ -1,9 +1,10 @@
 """OpenVINO on the CPU: the artifact's fp32 ONNX run by OpenVINO's CPU plugin, optionally in bf16.
 
 Why: on CPUs with native bf16 (AVX512_BF16 or AMX), OpenVINO's CPU plugin runs this network's 3-D
-convolutions in bf16 with fp32 accumulation about twice as fast as ONNX Runtime fp32 (measured:
-``benchmarks/bench_runtimes.py``). bf16 keeps only 8 mantissa bits, so the bf16 path is used only
-when the artifact carries an export-time gate that passed (:mod:`segrt.export.cpu_variants`);
+convolutions in bf16 with fp32 accumulation markedly faster than ONNX Runtime fp32 (measured by
+``python benchmarks/bench_runtimes.py``: ``runtimes.openvino-bf16.speedup_vs_ort_fp32`` in
+``benchmarks/results/cpu_runtimes_2026-11-26.json``). bf16 keeps only 8 mantissa bits, so the bf16 path is
+used only when the artifact carries an export-time gate that passed (:mod:`segrt.export.cpu_variants`);
 ONNX Runtime fp32 stays the always-available fallback (``select_backend``).
 
 API followed (OpenVINO 2026 docs, "CPU Device" and "Query Device Properties"): ``ov.Core().read_model``

@@ -11,9 +11,11 @@ How it runs on a GPU:
   rules apply. ``cache_enabled=False`` because autocast's weight-cast cache must not be used while a
   CUDA graph is captured (torch's CUDA-graph documentation).
 * **channels-last 3D** (``torch.channels_last_3d``) weights and input: optional (``channels_last=True``),
-  **off by default** because it was slower for monai's SegResNet on the lent H200 (torch 2.11, cuDNN 9.19,
-  fp16 96³: 24.1 vs 20.8 ms at batch 1, 45.5 vs 33.9 ms at batch 4; 2026-11-26), despite NDHWC being cuDNN's
-  preferred tensor-core layout for 3D convolutions in general.
+  **off by default** because it was slower than the default layout for monai's SegResNet (fp16, 96³ patches,
+  at batch 1 and at batch 4) on the lent H200 (torch 2.11, cuDNN 9.19), despite NDHWC being cuDNN's
+  preferred tensor-core layout for 3D convolutions in general. That timing is not recorded under
+  ``benchmarks/results/`` and no benchmark script takes this option yet: time ``channels_last=True``
+  against the default on the target GPU before changing the default.
 * **cuDNN autotuning** (``torch.backends.cudnn.benchmark = True``; process-wide, as torch has it):
   the warm-up runs pick the fastest algorithm for the one fixed patch shape.
 * **CUDA graphs**: one ``torch.cuda.CUDAGraph`` captured at the maximum batch on static buffers (after
@@ -45,9 +47,12 @@ TORCH_EXPORT = "torch.export"
 TORCHSCRIPT = "torchscript"
 
 
-# Windows per network call on a GPU. Measured on an NVIDIA H200 (torch 2.11, monai SegResNet 32 filters, 96³,
-# 2026-11-26): 24.4 ms at batch 1 vs 42.3 ms at batch 4 in fp32, 20.8 vs 33.9 ms in fp16 - batch 1 is
-# latency-bound. 4 keeps activations small (well under 1 GB in fp16).
+# Windows per network call on a GPU. On a large GPU (an H200, monai SegResNet 32 filters, 96³, fp32 and fp16)
+# batch 1 is latency-bound: a call on 4 windows takes far less than 4 calls on one, so 4 windows per call cost
+# much less per window. 4 keeps the activations small next to the stitching buffers (peak GPU memory per run:
+# ``peak_gpu_memory_bytes`` in benchmarks/results/gpu_nvidia-h200_2026-11-26.json). The per-call timings behind
+# this choice are not in a committed result; reproduce the whole-volume effect with
+# ``python benchmarks/bench_gpu.py --gpu-batch 1 4`` (on a CUDA machine).
 GPU_BATCH = 4
 
 

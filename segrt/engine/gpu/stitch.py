@@ -91,7 +91,8 @@ class TorchStitcher:
         self.count = torch.zeros((roi[0], yp, zp), dtype=torch.float32, device=self.device)
         # Windows per network call. MONAI batches by sw_batch_size; any batch size gives the same stitched result
         # (windows are independent and are still weighted and added one by one in MONAI's order), and on a GPU a
-        # larger batch is far cheaper per window (SegResNet 96³ fp16 on an H200: 20.8 ms at batch 1, 33.9 ms at 4).
+        # larger batch is far cheaper per window (batch 1 is latency-bound: see GPU_BATCH in
+        # segrt.engine.backends.torch_cuda; reproduce with python benchmarks/bench_gpu.py --gpu-batch 1 4).
         bsz = int(batch_size or spec.sw_batch_size)
         if bsz < 1:
             raise SpecError(f"batch_size must be >= 1, got {batch_size}")
