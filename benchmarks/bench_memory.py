@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/bench_memory.py            # writes benchmarks/results/memory_<date>.json, prints tables
 
-1. **Formula** (``segrt.engine.stitch.stitch_buffers``) for the wholeBody geometry (roi 96³, overlap 0.25,
+1. **Formula** (``segrt.engine.stitch_memory.stitch_buffers``) for the wholeBody geometry (roi 96³, overlap 0.25,
    batch 1) at the 3 mm size (144×144×200), 256³ and the 1.5 mm size (287×287×397), for 6 and 105 classes,
    float32 / float16 accumulators, MONAI's window order and the ``compact`` order; with the old single-level
    ring (``4·(K+1)·roi_x·Y·Z``) and the full volume (``4·(K+1)·X·Y·Z``) for comparison.
@@ -28,7 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from segrt.engine.stitch import sliding_window_blocks, stitch_buffers  # noqa: E402
+from segrt.engine.stitch import sliding_window_blocks
+
+from segrt.engine.stitch_memory import stitch_buffers  # noqa: E402
 from segrt.spec import InferenceSpec  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"

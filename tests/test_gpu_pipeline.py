@@ -430,7 +430,7 @@ def test_pipeline_skip_rule_matches_numpy_engine():
     input before the intensity ops) and stitches them the same way."""
     import dataclasses
 
-    from segrt.engine.stitch import window_maxima
+    from segrt.engine.cells import window_maxima
     from segrt.engine.tiling import plan_windows
     from segrt.spec import SkipRule
 

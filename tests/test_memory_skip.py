@@ -13,13 +13,9 @@ import numpy as np
 import pytest
 
 from segrt.engine.budget import parse_size, plan_memory
-from segrt.engine.stitch import (
-    CellGrid,
-    sliding_window_blocks,
-    sliding_window_full,
-    stitch_buffers,
-    window_maxima,
-)
+from segrt.engine.cells import CellGrid, window_maxima
+from segrt.engine.stitch import sliding_window_blocks, sliding_window_full
+from segrt.engine.stitch_memory import stitch_buffers
 from segrt.engine.tiling import plan_windows
 from segrt.errors import BudgetError, SpecError
 from segrt.spec import InferenceSpec, SkipRule, Spec

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from segrt.engine import preprocess as pp
-from segrt.engine.stitch import CellGrid
+from segrt.engine.cells import CellGrid
 from segrt.engine.tiling import WindowPlan
 from test_hostile import SPEC, _ct, _tiny_onnx
 

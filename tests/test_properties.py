@@ -25,17 +25,11 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from segrt.engine.stitch import (
-    SKIP_MARGIN,
-    CellGrid,
-    slab_bounds,
-    sliding_window_blocks,
-    sliding_window_full,
-    sliding_window_stream,
-    stitch_buffers,
-    stream_order,
-    window_maxima,
-)
+from segrt.engine.cells import CellGrid, slab_bounds, window_maxima
+
+from segrt.engine.stitch import SKIP_MARGIN, sliding_window_blocks, sliding_window_full, sliding_window_stream
+
+from segrt.engine.stitch_memory import stitch_buffers, stream_order
 from segrt.engine.tiling import importance_map, pad_widths, plan_windows, scan_interval, window_starts
 from segrt.spec import InferenceSpec
 

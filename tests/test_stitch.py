@@ -8,15 +8,11 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from segrt.engine.stitch import (
-    slab_bounds,
-    sliding_window_full,
-    sliding_window_stream,
-    stitch_buffers,
-    stitch_peak_bytes,
-    stream_order,
-    ufunc_scratch_bytes,
-)
+from segrt.engine.cells import slab_bounds
+
+from segrt.engine.stitch import sliding_window_full, sliding_window_stream
+
+from segrt.engine.stitch_memory import stitch_buffers, stitch_peak_bytes, stream_order, ufunc_scratch_bytes
 from segrt.engine.tiling import plan_windows, torch_gaussian_profiles
 from segrt.errors import InferenceError, VolumeError
 from segrt.spec import InferenceSpec

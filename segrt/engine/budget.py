@@ -5,7 +5,7 @@ bytes per label (1 or 2))::
 
     preprocess = base + input + 3 · 4·C·V                      # resampled image + intensity-op temporaries
     stitch     = base + input + 4·C·V + L·V                    # input, preprocessed image, labels on that grid
-                 + stitch_peak_bytes(V's shape, batch, accum, threads, skip)   # segrt.engine.stitch
+                 + stitch_peak_bytes(V's shape, batch, accum, threads, skip)   # segrt.engine.stitch_memory
                  + workspace                                   # the backend's own (ONNX Runtime arena)
     invert     = base + input + L·V + L·V_in + 8·V_in          # labels on both grids + index arithmetic
     peak       = max(preprocess, stitch, invert)
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from segrt.engine.stitch import stitch_buffers
+from segrt.engine.stitch_memory import stitch_buffers
 from segrt.safety import format_bytes
 from segrt.errors import BudgetError, SpecError
 from segrt.spec import InferenceSpec
@@ -143,7 +143,7 @@ def plan_memory(spec: InferenceSpec, num_classes: int, in_channels: int, input_s
 
     ``workspace``: bytes, or a callable ``batch -> bytes`` (called only for batch sizes tried).
     ``accum_dtype``: fixed by the caller (None: the planner may fall back to float16). ``grid``: the volume's
-    :class:`~segrt.engine.stitch.CellGrid` when the caller planned it (the windows do not depend on the batch).
+    :class:`~segrt.engine.cells.CellGrid` when the caller planned it (the windows do not depend on the batch).
     """
     if not isinstance(spec, InferenceSpec):
         raise SpecError(f"plan_memory expects an InferenceSpec, got {type(spec).__name__}")

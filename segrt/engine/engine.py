@@ -31,7 +31,8 @@ from segrt.engine import preprocess as pp
 from segrt.engine.backends import select_backend
 from segrt.engine.budget import measure_workspace, plan_memory, parse_size
 from segrt.engine.plan import Calibration, SegmentationPlan, make_plan
-from segrt.engine.stitch import sliding_window_blocks, sliding_window_stream, window_maxima
+from segrt.engine.cells import window_maxima
+from segrt.engine.stitch import sliding_window_blocks, sliding_window_stream
 from segrt.errors import UsageError, VolumeError
 from segrt.safety import check_output_file
 from segrt.volume import RawImage, Volume, inspect_nifti, load_nifti, read_nifti, save_labels

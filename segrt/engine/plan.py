@@ -18,7 +18,7 @@ from typing import Callable
 from segrt.engine.budget import MemoryPlan, format_size
 from segrt.engine import preprocess as pp
 from segrt.engine.preprocess import PreprocessRecord
-from segrt.engine.stitch import CellGrid
+from segrt.engine.cells import CellGrid
 from segrt.engine.tiling import WindowPlan, plan_windows
 from segrt.errors import VolumeError
 from segrt.spec import InferenceSpec, SkipRule, Spec

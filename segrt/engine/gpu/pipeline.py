@@ -27,7 +27,6 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from segrt.engine import preprocess as pp
 import segrt.engine.gpu.preprocess as gpp
 from segrt.engine.gpu.invert import TorchProbabilityInverter, invert_labels, unorient
 from segrt.engine.gpu.stitch import TorchStitcher
@@ -44,7 +43,7 @@ STAGES = ("upload", "preprocess", "infer", "stitch", "invert", "download")
 
 def window_maxima(image: torch.Tensor, plan) -> np.ndarray:
     """Per-window maximum of ``image (C, X, Y, Z)`` over channels and the window's unpadded voxels (float64 on the
-    host; :func:`segrt.engine.stitch.window_maxima`'s result). One small reduction per window, one transfer."""
+    host; :func:`segrt.engine.cells.window_maxima`'s result). One small reduction per window, one transfer."""
     lows = [lo for lo, _ in plan.pads]
     shape = plan.spatial_shape
     rois = plan.roi_size

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segrt.engine.stitch import SKIP_MARGIN, slab_bounds
+from segrt.engine.cells import slab_bounds
+
+from segrt.engine.stitch import SKIP_MARGIN
 from segrt.engine.tiling import WindowPlan, importance_map, plan_windows
 from segrt.errors import InferenceError, SpecError
 from segrt.spec import InferenceSpec
