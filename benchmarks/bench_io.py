@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from segrt import gzipio as gz  # noqa: E402
 from segrt import volume as sv  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -104,24 +105,24 @@ def ct_like_int16(shape, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def _codecs() -> dict:
     out = {}
     for name in ("stdlib", "isal", "zlib-ng"):
-        codec = sv._load_codec(name)
+        codec = gz.load_codec(name)
         if codec is not None:
             out[name] = codec
     return out
 
 
 class _use_codec:
-    """Make segrt.volume read/write through ``codec`` (the module caches its choice in ``_CODEC``)."""
+    """Make segrt.volume read/write through ``codec`` (segrt.gzipio caches its choice in ``CODEC``)."""
 
     def __init__(self, codec):
         self.codec = codec
 
     def __enter__(self):
-        self.saved = list(sv._CODEC)
-        sv._CODEC[:] = [self.codec]
+        self.saved = list(gz.CODEC)
+        gz.CODEC[:] = [self.codec]
 
     def __exit__(self, *exc):
-        sv._CODEC[:] = self.saved
+        gz.CODEC[:] = self.saved
 
 
 def _stream_read(codec, path: Path, n: int) -> None:
@@ -138,19 +139,19 @@ class _Parallel:
         self.threads = threads
 
     def __enter__(self):
-        self.saved = (os.environ.get("SEGRT_PARALLEL_GZIP"), sv._PARALLEL_MIN_BYTES, sv._decode_threads)
+        self.saved = (os.environ.get("SEGRT_PARALLEL_GZIP"), gz.PARALLEL_MIN_BYTES, gz.decode_threads)
         if self.threads == "default":  # segrt's own choice for this machine
             pass
         elif self.threads is None:
             os.environ["SEGRT_PARALLEL_GZIP"] = "0"
         else:
             os.environ["SEGRT_PARALLEL_GZIP"] = "1"
-            sv._PARALLEL_MIN_BYTES = 0
-            sv._decode_threads = lambda: self.threads
+            gz.PARALLEL_MIN_BYTES = 0
+            gz.decode_threads = lambda: self.threads
         return self
 
     def __exit__(self, *exc):
-        env, sv._PARALLEL_MIN_BYTES, sv._decode_threads = self.saved
+        env, gz.PARALLEL_MIN_BYTES, gz.decode_threads = self.saved
         if env is None:
             os.environ.pop("SEGRT_PARALLEL_GZIP", None)
         else:
@@ -181,7 +182,7 @@ def run_readers(ct_path: Path, labels: np.ndarray, affine: np.ndarray, repeats: 
         have_rg = True
     except ImportError:
         have_rg = False
-    ncpu = sv._decode_threads()
+    ncpu = gz.decode_threads()
     thread_counts = sorted({t for t in (2, 4, 8, ncpu) if 2 <= t <= ncpu}) if have_rg else []
     cases = {"read_nifti_1thread": (None, lambda: sv.read_nifti(ct_path))}
     for t in thread_counts:
@@ -206,7 +207,7 @@ def run_readers(ct_path: Path, labels: np.ndarray, affine: np.ndarray, repeats: 
             if not np.array_equal(sv.read_nifti(ct_path).array.astype(np.float32), ref):
                 raise RuntimeError(f"read_nifti with {t} threads differs from load_nifti")
     with _Parallel("default"):
-        f = sv._open_parallel(ct_path) if have_rg else None
+        f = gz.open_parallel(ct_path) if have_rg else None
         default_parallel = f is not None
         if f is not None:
             f.close()

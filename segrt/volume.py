@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segrt import gzipio
 from segrt.errors import VolumeError
 from segrt.safety import format_bytes, temp_name
 
@@ -144,142 +145,6 @@ class Volume(_ChannelFirst):
                 f"path={self.path!r})")
 
 
-# ---- gzip codec ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _GzipCodec:
-    """A gzip implementation: ``module`` has the standard ``gzip`` module's API (``GzipFile``, ``open``,
-    ``compress``, ``decompress``); ``level`` is the compression level segrt writes with."""
-
-    name: str  # "isal", "zlib-ng" or "stdlib"
-    version: str
-    module: object
-    level: int
-
-    @property
-    def fast(self) -> bool:
-        return self.name != "stdlib"
-
-
-def _load_codec(name: str) -> _GzipCodec | None:
-    """The codec ``name`` when its package is importable, else None."""
-    import importlib
-
-    try:
-        if name == "isal":
-            # python-isal (https://python-isal.readthedocs.io): ``isal.igzip`` is a drop-in ``gzip``
-            # (IGzipFile subclasses gzip.GzipFile). ISA-L has levels 0-3 only (and its level 0 still
-            # compresses, unlike zlib's; xopen's v1.9.0 notes use ISA-L at levels 1-2 only). Level 1
-            # is about the size of zlib level 1, nibabel's default: see benchmarks/bench_io.py.
-            igzip = importlib.import_module("isal.igzip")
-            return _GzipCodec("isal", importlib.import_module("isal").__version__, igzip, 1)
-        if name == "zlib-ng":
-            # python-zlib-ng (https://github.com/pycompression/python-zlib-ng): ``zlib_ng.gzip_ng`` is a
-            # drop-in ``gzip`` (GzipNGFile subclasses gzip.GzipFile) with zlib's 0-9 level scale.
-            gzip_ng = importlib.import_module("zlib_ng.gzip_ng")
-            return _GzipCodec("zlib-ng", importlib.import_module("zlib_ng").__version__, gzip_ng, 1)
-        if name == "stdlib":
-            import gzip
-            import zlib
-
-            # nibabel.save's own level (nibabel.openers.Opener.default_compresslevel)
-            return _GzipCodec("stdlib", zlib.ZLIB_RUNTIME_VERSION, gzip, 1)
-    except ImportError:
-        return None
-    raise ValueError(f"unknown gzip codec {name!r}: expected 'isal', 'zlib-ng' or 'stdlib'")
-
-
-_CODEC: list = []  # the selected codec, chosen once (tests reset it)
-
-
-def _gzip_codec() -> _GzipCodec:
-    """The fastest importable gzip codec: ISA-L, then zlib-ng, then the standard library."""
-    if not _CODEC:
-        for name in ("isal", "zlib-ng", "stdlib"):
-            codec = _load_codec(name)
-            if codec is not None:
-                _CODEC.append(codec)
-                break
-    return _CODEC[0]
-
-
-# ---- parallel gzip decoding -----------------------------------------------------------------------
-# rapidgzip (https://github.com/mxmlnkn/rapidgzip, Apache-2.0/MIT; optional, in the [gpu] extra) decodes any gzip
-# file on several cores (speculative block finding, as in pugz; CRC32 checked, also in parallel mode). Measured
-# here (benchmarks/bench_io.py, 2-core AMD EPYC, 512x512x397 int16 CT-like volume, 86 MiB .nii.gz): ISA-L one
-# thread 0.34 s, rapidgzip one thread 0.49 s, two threads 0.60 s - slower. Its published scaling is to many cores,
-# so it is used only from _PARALLEL_MIN_THREADS usable CPUs (GPU hosts) and for files of at least
-# _PARALLEL_MIN_BYTES; that it helps there is NOT yet measured (benchmarks/device_session.sh runs bench_io on the
-# lent GPU host to find out). SEGRT_PARALLEL_GZIP=0 switches it off, =1 uses it from 2 CPUs.
-_PARALLEL_MIN_BYTES = 16 << 20
-_PARALLEL_MIN_THREADS = 8
-_PARALLEL_MAX_THREADS = 16
-
-
-def _decode_threads() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    return max(1, min(n, _PARALLEL_MAX_THREADS))
-
-
-def _address_space_limited() -> bool:
-    """True when RLIMIT_DATA or RLIMIT_AS is set. rapidgzip reserves 1.5-2.5 GB of address space it never
-    touches (measured: VmData 2.4 GB, RSS 80 MB for a 33 MB volume) and crashes the process with SIGSEGV, not an
-    exception, when such a limit refuses the reservation (rapidgzip 0.16.2) - so it is not used then."""
-    try:
-        import resource
-    except ImportError:  # not POSIX
-        return False
-    for which in ("RLIMIT_DATA", "RLIMIT_AS"):
-        res = getattr(resource, which, None)
-        if res is not None and resource.getrlimit(res)[0] != resource.RLIM_INFINITY:
-            return True
-    return False
-
-
-def _open_parallel(p: Path):
-    """A rapidgzip reader for ``p`` (caller closes it: an unclosed one aborts the interpreter at exit), or None
-    when rapidgzip is not installed, switched off (``SEGRT_PARALLEL_GZIP=0``), fewer than
-    ``_PARALLEL_MIN_THREADS`` CPUs are usable (2 with ``SEGRT_PARALLEL_GZIP=1``), the file is small or the address
-    space is limited (see :func:`_address_space_limited`)."""
-    threads = _decode_threads()
-    mode = os.environ.get("SEGRT_PARALLEL_GZIP", "")
-    if mode == "0" or threads < (2 if mode == "1" else _PARALLEL_MIN_THREADS) or _address_space_limited():
-        return None
-    try:
-        if p.stat().st_size < _PARALLEL_MIN_BYTES:
-            return None
-        import rapidgzip
-    except (ImportError, OSError):
-        return None
-    try:
-        return rapidgzip.open(str(p), parallelization=threads)
-    except Exception:  # noqa: BLE001 - not a gzip file etc.: the standard path decides
-        return None
-
-
-def _gzip_isize(p: Path) -> int | None:
-    """The last member's ISIZE field (uncompressed size mod 2**32) from the file's last 4 bytes."""
-    try:
-        with open(p, "rb") as f:
-            f.seek(-4, os.SEEK_END)
-            return int.from_bytes(f.read(4), "little")
-    except OSError:
-        return None
-
-
-def _readinto_full(f, buf: memoryview) -> int:
-    got = 0
-    n = len(buf)
-    while got < n:
-        k = f.readinto(buf[got:got + (8 << 20)])
-        if not k:
-            break
-        got += k
-    return got
-
-
 def _read_direct(p: Path, allow_parallel: bool = True):
     """``(img, data)`` of a single-file NIfTI-1 (``.nii.gz`` or ``.nii``) with the voxels read straight from the
     stream into one buffer (no copy, no conversion: ``data`` is the stored dtype in the file's order), or None.
@@ -304,10 +169,10 @@ def _read_direct(p: Path, allow_parallel: bool = True):
     parallel = False
     try:
         if gz:
-            f = _open_parallel(p) if allow_parallel else None
+            f = gzipio.open_parallel(p) if allow_parallel else None
             parallel = f is not None
             if f is None:
-                f = _gzip_codec().module.open(str(p), "rb")
+                f = gzipio.gzip_codec().module.open(str(p), "rb")
         elif name.endswith(".nii"):
             f = open(p, "rb")
         else:
@@ -343,7 +208,7 @@ def _read_direct(p: Path, allow_parallel: bool = True):
         try:  # the voxels, then the gzip trailer
             if direct:
                 buf = np.empty(nbytes, dtype=np.uint8)
-                got = _readinto_full(f, memoryview(buf))
+                got = gzipio.readinto_full(f, memoryview(buf))
                 if got != nbytes:
                     raise EOFError(f"{got} of {nbytes} voxel bytes")
                 data = np.ndarray(shape, dtype=dtype, buffer=buf, order=proxy.order)
@@ -352,7 +217,7 @@ def _read_direct(p: Path, allow_parallel: bool = True):
             if gz:
                 while f.read(1 << 20):  # to the end of the stream: the codec checks CRC-32 and ISIZE there
                     pass
-                if parallel and _gzip_isize(p) != f.tell() % (1 << 32):
+                if parallel and gzipio.gzip_isize(p) != f.tell() % (1 << 32):
                     raise EOFError("gzip length field does not match the data")
         except MemoryError:
             raise
@@ -458,7 +323,7 @@ def inspect_nifti(path: str | os.PathLike) -> NiftiInfo | None:
     gz = p.name.lower().endswith(".gz")
     try:
         if gz:
-            with _gzip_codec().module.open(str(p), "rb") as f:
+            with gzipio.gzip_codec().module.open(str(p), "rb") as f:
                 block = f.read(348)
         else:
             with open(p, "rb") as f:
@@ -590,8 +455,6 @@ def read_nifti(path: str | os.PathLike) -> RawImage:
     ISA-L / zlib-ng; the voxels are read straight into one buffer. Scaled data comes back scaled (nibabel's
     dtype). Errors are :class:`VolumeError` naming the file and what was expected.
     """
-    import nibabel as nib
-
     p = _input_path(path)
     try:
         with _quiet_nibabel():  # nibabel's "fixing" chatter: what matters is refused with a clear error
@@ -667,7 +530,7 @@ def _write_image(img, filename: str) -> None:
     import nibabel as nib
     from nibabel.fileholders import FileHolder
 
-    codec = _gzip_codec()
+    codec = gzipio.gzip_codec()
     if not (codec.fast and filename.lower().endswith(".nii.gz") and type(img) is nib.Nifti1Image):
         nib.save(img, filename)
         return

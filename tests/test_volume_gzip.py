@@ -11,11 +11,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import segrt.volume as sv
+import segrt.gzipio as gz
 from segrt.errors import VolumeError
 from segrt.volume import Volume, load_nifti, save_labels, save_volume
 
-FAST = [n for n in ("isal", "zlib-ng") if sv._load_codec(n) is not None]
+FAST = [n for n in ("isal", "zlib-ng") if gz.load_codec(n) is not None]
 
 
 class _Spy:
@@ -45,11 +45,11 @@ def use_codec(monkeypatch):
     """use_codec(name, wrap=None) -> the spy: segrt.volume then reads/writes through that codec."""
 
     def select(name, wrap=None):
-        codec = sv._load_codec(name)
+        codec = gz.load_codec(name)
         if codec is None:
             pytest.skip(f"{name} is not installed")
         spy = _Spy(codec.module, wrap)
-        monkeypatch.setattr(sv, "_CODEC", [dataclasses.replace(codec, module=spy)])
+        monkeypatch.setattr(gz, "CODEC", [dataclasses.replace(codec, module=spy)])
         return spy
 
     return select
@@ -203,9 +203,9 @@ def test_fast_codec_leaves_nifti2_and_plain_nii_to_nibabel(tmp_path, name, use_c
 def test_fallback_to_stdlib_when_no_fast_codec_imports(tmp_path, monkeypatch):
     for mod in ("isal", "isal.igzip", "zlib_ng", "zlib_ng.gzip_ng"):
         monkeypatch.setitem(sys.modules, mod, None)  # 'import isal' now raises ImportError
-    monkeypatch.setattr(sv, "_CODEC", [])
-    assert sv._load_codec("isal") is None and sv._load_codec("zlib-ng") is None
-    codec = sv._gzip_codec()
+    monkeypatch.setattr(gz, "CODEC", [])
+    assert gz.load_codec("isal") is None and gz.load_codec("zlib-ng") is None
+    codec = gz.gzip_codec()
     assert codec.name == "stdlib" and not codec.fast and codec.module is gzip
     saved = []
     real_save = nib.save
@@ -219,17 +219,17 @@ def test_fallback_to_stdlib_when_no_fast_codec_imports(tmp_path, monkeypatch):
 
 
 def test_codec_preference_order(monkeypatch):
-    monkeypatch.setattr(sv, "_CODEC", [])
+    monkeypatch.setattr(gz, "CODEC", [])
     expected = FAST[0] if FAST else "stdlib"
-    assert sv._gzip_codec().name == expected
-    assert sv._gzip_codec() is sv._gzip_codec()  # chosen once
+    assert gz.gzip_codec().name == expected
+    assert gz.gzip_codec() is gz.gzip_codec()  # chosen once
     if "zlib-ng" in FAST:
         monkeypatch.setitem(sys.modules, "isal", None)
         monkeypatch.setitem(sys.modules, "isal.igzip", None)
-        monkeypatch.setattr(sv, "_CODEC", [])
-        assert sv._gzip_codec().name == "zlib-ng"
+        monkeypatch.setattr(gz, "CODEC", [])
+        assert gz.gzip_codec().name == "zlib-ng"
     with pytest.raises(ValueError, match="unknown gzip codec 'brotli'"):
-        sv._load_codec("brotli")
+        gz.load_codec("brotli")
 
 
 class _DiskFull:

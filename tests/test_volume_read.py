@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import segrt.volume as sv
+import segrt.gzipio as gz
 from segrt.errors import VolumeError
 from segrt.volume import RawImage, load_nifti, read_nifti, save_labels
 
@@ -66,8 +67,8 @@ def force_parallel(monkeypatch):
         used.append(k.get("parallelization"))
         return real_open(*a, **k)
 
-    monkeypatch.setattr(sv, "_PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(sv, "_decode_threads", lambda: 2)
+    monkeypatch.setattr(gz, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(gz, "decode_threads", lambda: 2)
     monkeypatch.setenv("SEGRT_PARALLEL_GZIP", "1")  # from 2 CPUs
     monkeypatch.setattr(rapidgzip, "open", spy)
     return used
@@ -179,42 +180,42 @@ def test_read_nifti_errors_name_the_file(tmp_path):
 
 
 def test_decode_threads_and_threshold_choose_the_decoder(tmp_path, monkeypatch):
-    assert 1 <= sv._decode_threads() <= sv._PARALLEL_MAX_THREADS
+    assert 1 <= gz.decode_threads() <= gz.PARALLEL_MAX_THREADS
     rng = np.random.default_rng(2)
     p = _write(tmp_path / "small.nii.gz", _random(rng, np.int16, (8, 8, 8)), np.eye(4))
-    monkeypatch.setattr(sv, "_decode_threads", lambda: 1)
-    assert sv._open_parallel(p) is None  # one CPU: the single-threaded codec
-    monkeypatch.setattr(sv, "_decode_threads", lambda: 16)
-    assert sv._open_parallel(p) is None  # small file
+    monkeypatch.setattr(gz, "decode_threads", lambda: 1)
+    assert gz.open_parallel(p) is None  # one CPU: the single-threaded codec
+    monkeypatch.setattr(gz, "decode_threads", lambda: 16)
+    assert gz.open_parallel(p) is None  # small file
     pytest.importorskip("rapidgzip")
-    monkeypatch.setattr(sv, "_PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(gz, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.delenv("SEGRT_PARALLEL_GZIP", raising=False)
-    f = sv._open_parallel(p)
+    f = gz.open_parallel(p)
     assert f is not None  # 16 CPUs, a large enough file
     f.close()
-    monkeypatch.setattr(sv, "_decode_threads", lambda: 4)
-    assert sv._open_parallel(p) is None  # below _PARALLEL_MIN_THREADS: ISA-L is faster on few cores
+    monkeypatch.setattr(gz, "decode_threads", lambda: 4)
+    assert gz.open_parallel(p) is None  # below _PARALLEL_MIN_THREADS: ISA-L is faster on few cores
     monkeypatch.setenv("SEGRT_PARALLEL_GZIP", "1")
-    f = sv._open_parallel(p)
+    f = gz.open_parallel(p)
     assert f is not None  # forced on
     f.close()
-    monkeypatch.setattr(sv, "_decode_threads", lambda: 16)
+    monkeypatch.setattr(gz, "decode_threads", lambda: 16)
     monkeypatch.setenv("SEGRT_PARALLEL_GZIP", "0")
-    assert sv._open_parallel(p) is None  # switched off
+    assert gz.open_parallel(p) is None  # switched off
     monkeypatch.delenv("SEGRT_PARALLEL_GZIP")
-    monkeypatch.setattr(sv, "_address_space_limited", lambda: True)
-    assert sv._open_parallel(p) is None  # it would crash under an address-space limit
+    monkeypatch.setattr(gz, "address_space_limited", lambda: True)
+    assert gz.open_parallel(p) is None  # it would crash under an address-space limit
 
 
 def test_address_space_limit_is_detected_in_a_child(tmp_path):
     import subprocess
     import sys
 
-    code = ("import resource, segrt.volume as sv; print(sv._address_space_limited()); "
-            "resource.setrlimit(resource.RLIMIT_DATA, (8 << 30, 8 << 30)); print(sv._address_space_limited())")
+    code = ("import resource, segrt.gzipio as gz; print(gz.address_space_limited()); "
+            "resource.setrlimit(resource.RLIMIT_DATA, (8 << 30, 8 << 30)); print(gz.address_space_limited())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert out.stdout.split() == [str(sv._address_space_limited()), "True"], out.stderr
+    assert out.stdout.split() == [str(gz.address_space_limited()), "True"], out.stderr
 
 
 def test_fortran_labels_are_written_as_they_lie(tmp_path):
