@@ -209,7 +209,7 @@ def cmd_run(a) -> int:
 
 def _print_plan(a) -> int:
     from segrt.engine.engine import Engine
-    from segrt.volume import inspect_nifti
+    from segrt.niftiheader import inspect_nifti
 
     inspect_nifti(a.input)  # a bad input fails before the model is loaded
     with Engine.load(a.artifact, device=a.device, variant=a.variant, threads=a.threads,

@@ -14,8 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import segrt.volume as sv
 import segrt.gzipio as gz
+from segrt.niftiheader import correct_nifti_header
 from segrt.errors import VolumeError
 from segrt.volume import RawImage, load_nifti, read_nifti, save_labels
 
@@ -50,7 +50,7 @@ def _write(path, data, affine, slope=None, inter=None, big_endian=False):
 
 def _nibabel_reference(path):
     img = nib.load(str(path))
-    sv.correct_nifti_header(img)
+    correct_nifti_header(img)
     data = np.asanyarray(img.dataobj)
     arr = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
     return arr, np.asarray(img.affine, np.float64)

@@ -35,7 +35,8 @@ from segrt.engine.cells import window_maxima
 from segrt.engine.stitch import sliding_window_blocks, sliding_window_stream
 from segrt.errors import UsageError, VolumeError
 from segrt.safety import check_output_file
-from segrt.volume import RawImage, Volume, inspect_nifti, load_nifti, read_nifti, save_labels
+from segrt.niftiheader import correct_nifti_header, inspect_nifti
+from segrt.volume import RawImage, Volume, load_nifti, read_nifti, save_labels
 
 __all__ = ["Engine", "Segmentation", "STAGES", "check_run_output"]
 
@@ -53,7 +54,7 @@ def _source_path(source) -> str | None:
 def check_run_output(output, source, artifact_dir=None) -> Path:
     """Check a run's label output before any work (:func:`segrt.safety.check_output_file`): it may be neither the
     input image nor a file of the artifact, and needs a writable directory, a NIfTI name and room for the labels.
-    When ``source`` is a path its header is checked too (:func:`segrt.volume.inspect_nifti`), so a bad input also
+    When ``source`` is a path its header is checked too (:func:`segrt.niftiheader.inspect_nifti`), so a bad input also
     fails before the model is loaded."""
     inputs = [_source_path(source)]
     if artifact_dir is not None and os.path.isdir(artifact_dir):
@@ -409,8 +410,6 @@ class Engine:
         a :class:`Volume`, a :class:`RawImage` or an array with ``affine``), without running anything."""
         if isinstance(source, (str, os.PathLike)):
             import nibabel as nib
-
-            from segrt.volume import correct_nifti_header
 
             inspect_nifti(source)  # the header's own checks first
             try:
