@@ -180,7 +180,8 @@ def cmd_export(a) -> int:
 
 
 def cmd_run(a) -> int:
-    from segrt.engine.engine import Engine, check_run_output
+    from segrt.engine.engine import Engine
+    from segrt.engine.segmentation import check_run_output
     from segrt.errors import UsageError
 
     if a.plan:
