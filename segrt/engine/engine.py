@@ -13,6 +13,10 @@ Data flow (one direction, nothing but the artifact is read)::
 
 The engine never holds a (classes × volume) array: the stitcher holds (classes × slab) and the probability
 inverter a few source rows; the only full-size arrays are the input, the preprocessed image and the labels.
+
+Size: over 400 lines because the Engine class alone: options checked at load, backend choice, one plan per call, the
+CPU pipeline's stages in order and the hand-off to the device pipeline; its helpers live in plan.py,
+segmentation.py, stitch.py and budget.py.
 """
 
 from __future__ import annotations

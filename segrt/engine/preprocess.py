@@ -4,6 +4,10 @@ NumPy only. References: docs/semantics.md §2 (orientation), §3 (spacing), §4 
 :class:`PreprocessRecord` returned by :func:`preprocess` holds everything needed to map a result
 back onto the input grid (what MONAI's ``Invertd`` does), see :meth:`PreprocessRecord.invert_labels`
 and :meth:`PreprocessRecord.probability_inverter`.
+
+Size: over 400 lines because MONAI's Orientationd, the Spacingd geometry and the five intensity transforms, each
+with the dtype and order details that make it exact, plus the record that inverts them; the resampling arithmetic
+itself is in resample.py.
 """
 
 from __future__ import annotations

@@ -39,6 +39,10 @@ voxel whose value is that close to 0 with torch's exact 8-corner sum (except, fo
 corners of non-zero weight all hold 0: torch's sum is exactly 0 there too), so exact zeros are exactly
 MONAI's; with inf/NaN in the source every non-finite result is recomputed as well. A non-diagonal ``M``
 (sheared input) takes the general path, torch's arithmetic per voxel, in slabs.
+
+Size: over 400 lines because torch's exact float64 coordinate arithmetic (SourceGrid) is shared by every path here:
+separable and general trilinear resampling, nearest with tie fixing, label inversion and the streaming probability
+inverter; splitting would expose SourceGrid's internals across modules.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ imported lazily, so ``import segrt.export`` is cheap.
 
     export(source, out_dir, *, spec=None, random_init=False, overrides=None, gate_samples=2) -> Path
     spec_from_bundle(bundle_dir, overrides=None) -> Spec
+
+Size: over 400 lines because the export orchestration in one place: source detection, the ONNX-source checks, the
+optional variants, the manifest and the atomic publish; each step's work is in its own module (bundle, onnx, gate,
+fp16, cpu_variants, tensorrt, torch_program).
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ spec, and every transform or option segrt does not implement is refused with
 :class:`~segrt.errors.UnsupportedTransform` naming it. Nothing is ever skipped silently.
 
 torch and monai are imported lazily (inside the functions): importing this module is cheap.
+
+Size: over 400 lines because one translation per supported MONAI transform and SlidingWindowInferer argument, each
+with the refusal message for what segrt cannot honour; reading a bundle is one concept whose size is the number of
+transforms it understands.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ on the device:
   values otherwise), so the result is bit-identical to it;
 * the intensity ops of :mod:`segrt.spec` with the NumPy engine's formulas (statistics in float64, see
   :func:`normalize_intensity`).
+
+Size: over 400 lines because the device twin of preprocess.py and resample.py together (upload, oriented view,
+resampling gathers, intensity ops), so that each device op sits next to the statement of which NumPy function it
+must equal.
 """
 
 from __future__ import annotations
