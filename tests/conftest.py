@@ -81,10 +81,11 @@ def exported(tmp_path_factory) -> ExportCache:
 
 @pytest.fixture(scope="session")
 def small_artifact(exported):
-    """The reduced whole-body fixture bundle, exported once with random weights."""
+    """The reduced whole-body fixture bundle, exported once with random weights (one gate sample: the gate itself
+    is tested in test_export / test_fp16 / test_cpu_variants; the gate is most of an export's time)."""
     from parity_util import FIXTURES
 
-    return exported(FIXTURES / "bundles" / "wholebody_small", random_init=True)
+    return exported(FIXTURES / "bundles" / "wholebody_small", random_init=True, gate_samples=1)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from parity_util import write_volume  # noqa: E402
 def demo_artifact(exported):
     from segrt.demo import DEMO_BUNDLE
 
-    return exported(DEMO_BUNDLE, variants=("fp32", "fp16"), torch_program=True)
+    return exported(DEMO_BUNDLE, variants=("fp32", "fp16"), torch_program=True, gate_samples=1)
 
 
 @pytest.fixture(scope="module")

@@ -149,7 +149,8 @@ def test_ct_like_patches_follow_the_spec():
 
 @pytest.fixture(scope="module")
 def fp16_artifact(exported):
-    return exported(SMALL, random_init=True, overrides={"inferer#roi_size": [32, 32, 32]}, variants=("fp32", "fp16"))
+    return exported(SMALL, random_init=True, overrides={"inferer#roi_size": [32, 32, 32]}, variants=("fp32", "fp16"),
+                    gate_samples=1)
 
 
 def test_export_fp16_variant(fp16_artifact):

@@ -304,7 +304,7 @@ def art105(exported):
     """The reduced whole-body fixture with 105 output classes (random weights)."""
     from parity_util import FIXTURES
 
-    return exported(FIXTURES / "bundles" / "wholebody_small", random_init=True,
+    return exported(FIXTURES / "bundles" / "wholebody_small", random_init=True, gate_samples=1,
                     overrides={"network_def#out_channels": 105})
 
 

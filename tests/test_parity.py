@@ -78,7 +78,8 @@ def test_parity_with_monai_pipeline(case, volume_paths, tmp_path):
     from segrt.export import export
 
     bundle = bundle_with_weights(src, tmp_path / "bundle", seed=11, overrides=overrides)
-    art = export(bundle, tmp_path / "artifact", overrides=overrides or None)
+    # one gate sample: the gate is tested elsewhere (test_export) and is most of an export's time
+    art = export(bundle, tmp_path / "artifact", overrides=overrides or None, gate_samples=1)
     ref = run_monai_bundle(bundle, volume_path, tmp_path / "monai_out", overrides=overrides)
 
     with Engine.load(art, device="cpu", skip_empty=False) as eng:  # parity: every window runs
