@@ -415,6 +415,11 @@ class Postprocessing:
                             f"got {self.order!r}")
         if self.invert_interp not in ("nearest", "bilinear"):
             raise SpecError(f"invert_interp must be 'nearest' or 'bilinear', got {self.invert_interp!r}")
+        if self.order == "argmax_then_invert" and self.invert_interp == "bilinear":
+            # labels cannot be interpolated: the engine would silently invert them with nearest
+            raise SpecError("postprocessing: order 'argmax_then_invert' inverts labels, which only 'nearest' can "
+                            "resample; got invert_interp 'bilinear' (use order 'invert_then_argmax' to invert "
+                            "probabilities bilinearly, as MONAI's Invertd before AsDiscreted does)")
 
     @classmethod
     def from_dict(cls, d, where: str = "postprocessing") -> "Postprocessing":

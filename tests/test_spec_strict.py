@@ -348,3 +348,12 @@ def test_cli_override_typo(tmp_path, capsys):
     assert line == ("segrt: error: override 'displayable_configs#hires' matches no key of the bundle config; "
                     "did you mean 'displayable_configs#highres'?")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_label_inversion_cannot_be_bilinear():
+    """argmax then invert moves labels, which only nearest can resample: refused instead of silently nearest."""
+    from segrt.spec import Postprocessing
+
+    with pytest.raises(SpecError, match="only 'nearest'"):
+        Postprocessing(order="argmax_then_invert", invert_interp="bilinear")
+    assert Postprocessing(order="invert_then_argmax", invert_interp="bilinear").invert_interp == "bilinear"

@@ -159,6 +159,9 @@ class Engine:
         eng = cls(artifact, backend, reason, accum_dtype=accum_dtype)
         eng.skip_empty = bool(skip_empty)
         eng.max_memory = None if max_memory is None else parse_size(max_memory)
+        if eng.max_memory is not None and eng._on_device():
+            log.warning("segrt: warning: --max-memory plans the CPU engine's RAM; the device pipeline on %s does not "
+                        "plan its memory yet, so the budget is not applied", backend.name)
         eng.stitch_threads = bool(stitch_threads)
         if overlap is not None:
             eng._override_overlap(overlap)
