@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from segrt.engine import preprocess as pp  # noqa: E402
-from segrt.engine.engine import _softmax_inplace  # noqa: E402
+from segrt.engine.orchestrator import _softmax_inplace  # noqa: E402
 from segrt.engine.gpu import TorchPipeline  # noqa: E402
 from segrt.engine.gpu import preprocess as gpp  # noqa: E402
 from segrt.engine.gpu.invert import TorchProbabilityInverter  # noqa: E402

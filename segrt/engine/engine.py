@@ -29,14 +29,13 @@ import time
 import numpy as np
 
 from segrt.artifact import Artifact
-from segrt.engine import preprocess as pp
+from segrt.engine import orchestrator
 from segrt.engine.backends import select_backend
-from segrt.engine.budget import measure_workspace, plan_memory, parse_size
+from segrt.engine.budget import measure_workspace, parse_size, plan_memory
+from segrt.engine.orchestrator import NumpyOps
 from segrt.engine.plan import Calibration, SegmentationPlan, make_plan
-from segrt.engine.cells import window_maxima
-from segrt.engine.stitch import sliding_window_blocks, sliding_window_stream
-from segrt.errors import UsageError, VolumeError
 from segrt.engine.segmentation import STAGES, Segmentation, check_run_output
+from segrt.errors import UsageError, VolumeError
 from segrt.niftiheader import correct_nifti_header, inspect_nifti
 from segrt.volume import RawImage, Volume, load_nifti, read_nifti
 
@@ -47,37 +46,6 @@ log = logging.getLogger("segrt")
 def _fmt_overlap(ov) -> str:
     ov = [float(o) for o in ov]
     return f"{ov[0]:g}" if len(set(ov)) == 1 else ",".join(f"{o:g}" for o in ov)
-
-
-#: Voxels per chunk of the block consumer (softmax temporaries are 1/K of a chunk, argmax's int64 8 B/voxel).
-CONSUME_CHUNK_VOXELS = 1 << 15
-
-
-def _consume_block(block: np.ndarray, softmax: bool, labels_out: np.ndarray | None,
-                   probs_out: np.ndarray | None = None) -> None:
-    """Softmax (in place) and argmax of a stitched block ``(K, dx, dy, dz)``, a few rows at a time, so that no
-    temporary larger than ``CONSUME_CHUNK_VOXELS`` voxels is made. Per voxel the values are exactly those of
-    softmax / argmax over the whole block."""
-    dx, dy, dz = block.shape[1:]
-    step = max(1, CONSUME_CHUNK_VOXELS // max(dy * dz, 1))
-    for r in range(0, dx, step):
-        part = block[:, r:r + step]
-        if softmax:
-            _softmax_inplace(part)
-        if probs_out is not None:
-            probs_out[:, r:r + step] = part
-        if labels_out is not None:
-            labels_out[r:r + step] = np.argmax(part, axis=0)
-
-
-def _softmax_inplace(x: np.ndarray) -> np.ndarray:
-    """Softmax over axis 0 in float32, as monai's Activations(softmax=True) (torch.softmax, dim=0)."""
-    m = x.max(axis=0, keepdims=True)
-    np.subtract(x, m, out=x)
-    np.exp(x, out=x)
-    s = x.sum(axis=0, keepdims=True)
-    np.divide(x, s, out=x)
-    return x
 
 
 def _usable_cpus() -> int:
@@ -248,93 +216,33 @@ class Engine:
         if on_device:
             return self._segment_on_device(vol, plan, timings, output, return_probabilities)
 
-        t0 = time.perf_counter()
-        K = spec.num_classes
-        lab_dtype = np.dtype(spec.label_dtype)
-        post = spec.postprocessing
-        use_inverter = plan.use_inverter
-        rule = plan.skip_rule
-        fresh = self.capabilities.fresh_outputs
-        mplan = plan.memory
-        inf = plan.inference
-        raw = pp.resample(vol, spec.preprocessing, plan.geometry)
-        # the skip rule is decided on the resampled image before the intensity ops (CT: Hounsfield units)
-        skip = None if rule is None else window_maxima(raw, plan.windows, plan.cells) < rule.threshold
-        image = pp.intensity(raw, spec.preprocessing)
-        del raw
-        record = plan.geometry
-        timings["preprocess"] = time.perf_counter() - t0
-        plan_w = plan.windows
-        n_skip = 0 if skip is None else int(skip.sum())
-        infer_time = [0.0]
-
-        def predict(batch):
-            ti = time.perf_counter()
-            out = self.backend.infer(batch)
-            infer_time[0] += time.perf_counter() - ti
-            return out
-
         bar = None
         if progress is None:
             progress = sys.stderr.isatty()
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=plan_w.n_windows, unit="win", desc="segrt", file=sys.stderr, delay=2.0,
-                       leave=False)
-
-        res_shape = image.shape[1:]
-        probs_full = np.empty((K, *res_shape), np.float32) if return_probabilities else None
-        inverter = labels_res = None
-        if use_inverter:
-            inverter = record.probability_inverter(K, lab_dtype)
-        else:
-            labels_res = np.empty(res_shape, lab_dtype)
-        kw = dict(progress=bar.update if bar else None, accum_dtype=mplan.accum_dtype, skip=skip,
-                  threads=mplan.threads, inplace_weighting=fresh, grid=plan.cells)
-        if rule is not None:
-            kw.update(background_class=rule.background_class, skip_margin=rule.margin)
-
-        t0 = time.perf_counter()
-        if inverter is not None:
-            def transform(block):
-                _consume_block(block, post.softmax, None)
-
-            for x0, slab in sliding_window_stream(image, inf, predict, K, transform=transform, **kw):
-                if probs_full is not None:
-                    probs_full[:, x0:x0 + slab.shape[1]] = slab
-                inverter.push(x0, slab)
-                del slab
-        else:
-            for (x0, y0, z0), block in sliding_window_blocks(image, inf, predict, K, **kw):
-                dx, dy, dz = block.shape[1:]
-                box = (slice(x0, x0 + dx), slice(y0, y0 + dy), slice(z0, z0 + dz))
-                _consume_block(block, post.softmax, labels_res[box],
-                               None if probs_full is None else probs_full[(slice(None), *box)])
-                del block
-        del image
-        if bar is not None:
-            bar.close()
-        loop = time.perf_counter() - t0
-        timings["infer"] = infer_time[0]
-        # with threads, inference overlaps stitching: "stitch" is then the loop time not hidden by inference
-        timings["stitch"] = max(loop - infer_time[0], 0.0)
-
-        t0 = time.perf_counter()
-        if inverter is not None:
-            labels = record.unorient(inverter.finish())
-        else:
-            labels = record.invert_labels(labels_res)
-        timings["invert"] = time.perf_counter() - t0
-
+            bar = tqdm(total=plan.n_windows, unit="win", desc="segrt", file=sys.stderr, delay=2.0, leave=False)
+        ops = NumpyOps(spec, inplace_weighting=self.capabilities.fresh_outputs)
+        try:
+            res = orchestrator.run(plan, vol, ops, self.backend.infer, softmax=spec.postprocessing.softmax,
+                                   progress=bar.update if bar else None,
+                                   return_probabilities=return_probabilities)
+        finally:
+            if bar is not None:
+                bar.close()
+        t = res.timings
+        timings.update(preprocess=t["upload"] + t["preprocess"], infer=t["infer"], stitch=t["stitch"],
+                       invert=t["invert"] + t["download"])
+        mplan, rule, n_skip = plan.memory, plan.skip_rule, res.n_skipped
         seg = Segmentation(
-            labels=labels, affine=vol.affine.copy(), class_names=dict(spec.class_names), timings=timings,
-            source=vol, probabilities=probs_full,
+            labels=res.labels, affine=vol.affine.copy(), class_names=dict(spec.class_names), timings=timings,
+            source=vol, probabilities=res.probabilities,
             metadata={"backend": self.backend.name, "backend_reason": self.backend_reason, "device": self.device,
-                      "windows": plan_w.n_windows, "preprocessed_shape": list(res_shape),
-                      "windows_run": plan_w.n_windows - n_skip, "windows_skipped": n_skip,
-                      "skipped_fraction": n_skip / plan_w.n_windows,
+                      "windows": plan.n_windows, "preprocessed_shape": list(plan.geometry.output_shape),
+                      "windows_run": plan.n_windows - n_skip, "windows_skipped": n_skip,
+                      "skipped_fraction": n_skip / plan.n_windows,
                       "skip_rule": None if rule is None else rule.to_dict(),
-                      "accum_dtype": mplan.accum_dtype, "sw_batch_size": inf.sw_batch_size,
+                      "accum_dtype": mplan.accum_dtype, "sw_batch_size": plan.inference.sw_batch_size,
                       "stitch_threads": mplan.threads, "memory_plan": mplan.to_dict(),
                       "random_weights": self.artifact.random_weights, **self._overlap_metadata()},
         )

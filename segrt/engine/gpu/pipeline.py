@@ -31,6 +31,7 @@ import segrt.engine.gpu.preprocess as gpp
 from segrt.engine.gpu.invert import TorchProbabilityInverter, invert_labels, unorient
 from segrt.engine.gpu.stitch import TorchStitcher
 from segrt.engine.gpu.timing import StageTimer
+from segrt.engine import orchestrator
 from segrt.engine.plan import SegmentationPlan, make_plan
 from segrt.errors import SpecError, VolumeError
 from segrt.spec import Spec
@@ -108,133 +109,142 @@ class TorchPipeline:
         return volume
 
     def _preprocess(self, raw: torch.Tensor, plan: SegmentationPlan):
-        """Device preprocessing on the plan's geometry: ``(image (C, X', Y', Z') float32 device tensor, skip)`` with
-        ``skip`` the per-window flags of the plan's skip rule (decided before the intensity ops), or None."""
+        """Device preprocessing on the plan's geometry (the stages :func:`segrt.engine.orchestrator.run` calls):
+        ``(image (C, X', Y', Z') float32 device tensor, skip)``, ``skip`` the plan's skip flags or None."""
+        ops = TorchOps(self, plan)
+        x = ops.resample(raw, plan)
+        skip = None
+        if plan.skip_rule is not None:
+            skip = ops.window_maxima(x, plan) < plan.skip_rule.threshold
+        return ops.intensity(x), skip
+
+    def segment(self, volume: Volume | RawImage, return_probabilities: bool = False,
+                plan: SegmentationPlan | None = None) -> PipelineResult:
+        """Segment ``volume`` (a :class:`Volume`, or a :class:`RawImage` as stored in its file: uploaded in its own
+        dtype and memory order); labels on its own grid, Fortran-ordered. ``return_probabilities`` also returns the
+        stitched (softmax) probabilities on the preprocessed grid in ``metadata["probabilities"]`` (K × volume:
+        tests only). The stages are :func:`segrt.engine.orchestrator.run`'s, over :class:`TorchOps`."""
+        vol = self._check(volume)
+        spec, dev = self.spec, self.device
+        if plan is None:  # standalone use: the same planning path as the engine's (segrt.engine.plan)
+            plan = make_plan(spec, vol.affine, vol.spatial_shape, vol.num_channels,
+                             skip_empty=self.skip_rule is not None, device=str(dev))
+        cuda = dev.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+            base_mem = torch.cuda.memory_allocated(dev)
+        ops = TorchOps(self, plan)
+        with torch.inference_mode():
+            res = orchestrator.run(plan, vol, ops, self.infer_torch, softmax=spec.postprocessing.softmax,
+                                   return_probabilities=return_probabilities)
+        rule = plan.skip_rule
+        n_win, n_skip = plan.n_windows, res.n_skipped
+        meta = {
+            "device": str(dev),
+            "windows": n_win,
+            "windows_run": n_win - n_skip, "windows_skipped": n_skip, "skipped_fraction": n_skip / n_win,
+            "skip_rule": None if rule is None else rule.to_dict(),
+            "preprocessed_shape": list(plan.geometry.output_shape),
+            "accum_dtype": str(self.accum_dtype).replace("torch.", ""),
+            "resample_dtype": str(self.resample_dtype).replace("torch.", ""),
+            "stitch_buffer_bytes": ops.buffer_bytes,
+            "postprocessing": spec.postprocessing.order,
+            "triton_invert": bool(ops.inverter_used is not None and ops.inverter_used.uses_triton),
+        }
+        if ops.inverter_used is not None:
+            meta["inverter_peak_buffer_bytes"] = int(ops.inverter_used.peak_buffer_bytes)
+        if cuda:
+            meta["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+            meta["gpu_memory_before_bytes"] = int(base_mem)
+            meta["gpu_name"] = torch.cuda.get_device_name(dev)
+        if res.probabilities is not None:
+            meta["probabilities"] = res.probabilities.cpu().numpy()
+        return PipelineResult(res.labels, res.timings, meta)
+
+
+class TorchOps:
+    """The device pipeline's array operations for :func:`segrt.engine.orchestrator.run`: torch tensors on the
+    pipeline's device, :class:`TorchStitcher` (a ring of ``roi_x`` rows, yielding whole-row chunks in row order),
+    :class:`TorchProbabilityInverter`, CUDA-event timing on CUDA."""
+
+    def __init__(self, pipe: "TorchPipeline", plan: SegmentationPlan):
+        self.pipe = pipe
+        self.spec = pipe.spec
+        self.device = pipe.device
+        self.buffer_bytes: dict = {}
+        self.inverter_used = None
+
+    def timer(self) -> StageTimer:
+        return StageTimer(self.device)
+
+    def upload(self, volume) -> torch.Tensor:
+        raw = self.pipe.uploader.upload(volume.array)
+        if volume.array.dtype.kind == "f" and not bool(torch.isfinite(raw).all()):
+            raise VolumeError("input holds NaN/Inf voxel(s); expected finite intensities")
+        return raw
+
+    def resample(self, raw: torch.Tensor, plan: SegmentationPlan) -> torch.Tensor:
         pre = self.spec.preprocessing
         geo = plan.geometry
         img = gpp.oriented(raw, geo.ornt)
         sp = geo.spacing
         if sp is not None and not sp.noop:
             if pre.spacing.mode == "bilinear":
-                x = gpp.resample_linear(img, sp.M, sp.out_shape, dtype=self.resample_dtype)
-            elif pre.spacing.mode == "nearest":
-                x = gpp.resample_nearest(img, sp.M, sp.out_shape).to(torch.float32)
-            else:
-                raise SpecError(f"spacing mode must be 'bilinear' or 'nearest', received {pre.spacing.mode!r}")
-        else:
-            x = img.materialize(copy=True)
-        skip = None
-        if plan.skip_rule is not None:  # on the resampled input, before the intensity transforms (as the CPU)
-            skip = window_maxima(x, plan.windows) < plan.skip_rule.threshold
-        x = gpp.apply_intensity(x, pre.intensity).contiguous()
-        return x, skip
+                return gpp.resample_linear(img, sp.M, sp.out_shape, dtype=self.pipe.resample_dtype)
+            if pre.spacing.mode == "nearest":
+                return gpp.resample_nearest(img, sp.M, sp.out_shape).to(torch.float32)
+            raise SpecError(f"spacing mode must be 'bilinear' or 'nearest', received {pre.spacing.mode!r}")
+        return img.materialize(copy=True)
 
-    def segment(self, volume: Volume | RawImage, return_probabilities: bool = False,
-                plan: SegmentationPlan | None = None) -> PipelineResult:
-        """Segment ``volume`` (a :class:`Volume`, or a :class:`RawImage` as stored in its file: uploaded in its own
-        dtype and memory order); labels on its own grid, Fortran-ordered. ``return_probabilities`` also returns the stitched (softmax)
-        probabilities on the preprocessed grid in ``metadata["probabilities"]`` (K × volume: tests only)."""
-        vol = self._check(volume)
-        spec, dev = self.spec, self.device
-        if plan is None:  # standalone use: the same planning path as the engine's (segrt.engine.plan)
-            plan = make_plan(spec, vol.affine, vol.spatial_shape, vol.num_channels,
-                             skip_empty=self.skip_rule is not None, device=str(dev))
+    def window_maxima(self, x: torch.Tensor, plan: SegmentationPlan) -> np.ndarray:
+        return window_maxima(x, plan.windows)
+
+    def intensity(self, x: torch.Tensor) -> torch.Tensor:
+        return gpp.apply_intensity(x, self.spec.preprocessing.intensity).contiguous()
+
+    def empty(self, shape, dtype) -> torch.Tensor:
+        if np.dtype(dtype) == np.float32:
+            return torch.empty(shape, dtype=torch.float32, device=self.device)
+        return torch.empty(shape, dtype=self.pipe._dev_label_dtype, device=self.device)
+
+    def stitch(self, image, plan: SegmentationPlan, predict, skip, rows: bool, progress=None):
         rule = plan.skip_rule
-        record = plan.geometry
-        cuda = dev.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(dev)
-            base_mem = torch.cuda.memory_allocated(dev)
-        timer = StageTimer(dev)
-        total = timer.start("total")
-        with torch.inference_mode():
-            with timer("upload"):
-                raw = self.uploader.upload(vol.array)
-            with timer("preprocess"):
-                if vol.array.dtype.kind == "f" and not bool(torch.isfinite(raw).all()):
-                    raise VolumeError("input holds NaN/Inf voxel(s); expected finite intensities")
-                image, skip = self._preprocess(raw, plan)
-            del raw  # the upload is not needed any more
-            res_shape = record.output_shape
-            K = spec.num_classes
-            post = spec.postprocessing
-            tok = timer.start("stitch")
-            n_skip = 0 if skip is None else int(skip.sum())
-            stitcher = TorchStitcher(image, plan.inference, self.infer_torch, K, self.accum_dtype,
-                                     batch_size=self.batch_size, skip=skip, windows=plan.windows,
-                                     **({} if rule is None else {"background_class": rule.background_class,
-                                                                 "skip_margin": rule.margin}))
-            infer_tok = [None]
+        stitcher = TorchStitcher(image, plan.inference, predict, plan.num_classes, self.pipe.accum_dtype,
+                                 batch_size=self.pipe.batch_size, skip=skip, windows=plan.windows,
+                                 **({} if rule is None else {"background_class": rule.background_class,
+                                                             "skip_margin": rule.margin}))
+        for x0, chunk in stitcher:  # whole rows, in row order: also what the inverter needs
+            yield (x0, 0, 0), chunk
+        self.buffer_bytes = stitcher.buffer_bytes
 
-            def on_infer(begin: bool):  # split the loop's time into network calls and the rest
-                if begin:
-                    timer.stop(tok_ref[0])
-                    infer_tok[0] = timer.start("infer")
-                else:
-                    timer.stop(infer_tok[0])
-                    tok_ref[0] = timer.start("stitch")
+    def softmax(self, block: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(block, dim=0)
 
-            tok_ref = [tok]
-            stitcher.on_infer = on_infer
-            probs_full = (torch.empty((K, *res_shape), dtype=torch.float32, device=dev)
-                          if return_probabilities else None)
-            inverter = labels_res = None
-            if plan.use_inverter:
-                sp = record.spacing
-                M = np.eye(4) if sp is None or sp.inverse_noop else sp.M_inv
-                inverter = TorchProbabilityInverter(M, res_shape, record.oriented_shape, K,
-                                                    self._dev_label_dtype, dev, use_triton=self.use_triton)
-            else:
-                labels_res = torch.empty(res_shape, dtype=self._dev_label_dtype, device=dev)
-            for x0, chunk in stitcher:
-                rows = chunk.shape[1]
-                probs = torch.softmax(chunk, dim=0) if post.softmax else chunk
-                if probs_full is not None:
-                    probs_full[:, x0:x0 + rows] = probs
-                if inverter is not None:
-                    timer.stop(tok_ref[0])
-                    with timer("invert"):
-                        inverter.push(x0, probs)
-                    tok_ref[0] = timer.start("stitch")
-                else:
-                    labels_res[x0:x0 + rows] = torch.argmax(probs, dim=0).to(self._dev_label_dtype)
-                del probs
-            timer.stop(tok_ref[0])
-            buffers = stitcher.buffer_bytes
-            del stitcher, image
-            with timer("invert"):
-                if inverter is not None:
-                    labels_dev = unorient(inverter.finish(), record.ornt, record.input_shape)
-                else:
-                    labels_dev = invert_labels(labels_res, record)
-                    del labels_res
-            with timer("download"):
-                # Fortran order, the order NIfTI stores: writing the file is then a plain copy of the bytes
-                # (a C-ordered label map costs the writer a full transposition on the host)
-                labels = np.empty(record.input_shape[::-1], dtype=self.label_dtype).T
-                host = torch.from_numpy(labels.T.view(np.int16) if self.label_dtype == np.uint16 else labels.T)
-                host.copy_(labels_dev.permute(2, 1, 0).contiguous())
-            timer.stop(total)
-        timings = timer.results(STAGES + ("total",))
-        n_win = plan.n_windows
-        meta = {
-            "device": str(dev),
-            "windows": n_win,
-            "windows_run": n_win - n_skip, "windows_skipped": n_skip, "skipped_fraction": n_skip / n_win,
-            "skip_rule": None if rule is None else rule.to_dict(),
-            "preprocessed_shape": list(res_shape),
-            "accum_dtype": str(self.accum_dtype).replace("torch.", ""),
-            "resample_dtype": str(self.resample_dtype).replace("torch.", ""),
-            "stitch_buffer_bytes": buffers,
-            "postprocessing": post.order,
-            "triton_invert": bool(inverter is not None and inverter.uses_triton),
-        }
-        if inverter is not None:
-            meta["inverter_peak_buffer_bytes"] = int(inverter.peak_buffer_bytes)
-        if cuda:
-            meta["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(dev))
-            meta["gpu_memory_before_bytes"] = int(base_mem)
-            meta["gpu_name"] = torch.cuda.get_device_name(dev)
-        if probs_full is not None:
-            meta["probabilities"] = probs_full.cpu().numpy()
-        return PipelineResult(labels, timings, meta)
+    def consume(self, block, box, softmax: bool, labels, probs) -> None:
+        p = torch.softmax(block, dim=0) if softmax else block
+        if probs is not None:
+            probs[(slice(None), *box)] = p
+        labels[box] = torch.argmax(p, dim=0).to(self.pipe._dev_label_dtype)
+
+    def inverter(self, plan: SegmentationPlan):
+        sp = plan.geometry.spacing
+        M = np.eye(4) if sp is None or sp.inverse_noop else sp.M_inv
+        self.inverter_used = TorchProbabilityInverter(M, plan.geometry.output_shape, plan.geometry.oriented_shape,
+                                                      plan.num_classes, self.pipe._dev_label_dtype, self.device,
+                                                      use_triton=self.pipe.use_triton)
+        return self.inverter_used
+
+    def invert_labels(self, labels, geometry):
+        return invert_labels(labels, geometry)
+
+    def unorient(self, labels, geometry):
+        return unorient(labels, geometry.ornt, geometry.input_shape)
+
+    def download(self, labels_dev: torch.Tensor) -> np.ndarray:
+        # Fortran order, the order NIfTI stores: writing the file is then a plain copy of the bytes (a C-ordered
+        # label map costs the writer a full transposition on the host)
+        dt = self.pipe.label_dtype
+        labels = np.empty(tuple(labels_dev.shape)[::-1], dtype=dt).T
+        host = torch.from_numpy(labels.T.view(np.int16) if dt == np.uint16 else labels.T)
+        host.copy_(labels_dev.permute(2, 1, 0).contiguous())
+        return labels
