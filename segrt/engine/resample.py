@@ -23,7 +23,8 @@ So the coordinates here follow torch's arithmetic operation for operation (:clas
    order tnw, tne, tsw, tse, bnw, bne, bsw, bse (torch's x = MONAI axis 2, z = MONAI axis 0), of
    ``v·((w_2·w_1)·w_0)``; nearest is ``rint`` (half to even) of the clamped ``p``.
 
-Checked against torch 2.13 (CPU, AVX512 build) bit for bit: θ, the grid and the resampled values
+Checked against torch 2.13 (CPU) bit for bit where torch's small float64 matmuls round without FMA (MKL with
+``MKL_CBWR=COMPATIBLE``; ``tests/parity_util.torch_arithmetic`` detects it), within an ulp bound elsewhere: θ, the grid and the resampled values
 (``tests/test_resample.py``). The FMA in step 2 is what torch's vectorised CPU build does (AVX2/AVX512/NEON);
 a torch built without FMA (baseline x86-64 capability) would round those ~half of its linspace values differently.
 

@@ -358,13 +358,11 @@ def resample_nearest(img: OrientedImage, M: np.ndarray, out_shape) -> torch.Tens
 
 # ---- intensity (segrt.engine.preprocess formulas) -----------------------------------------------
 def _stats(vals: torch.Tensor):
-    """float32 mean and population std of ``vals`` from float64 sums (two-pass), as the NumPy engine's
-    float64 std; the mean is the float64 mean rounded (within 1 ulp of torch's/NumPy's float32 means)."""
-    v = vals.to(torch.float64)
-    n = v.numel()
-    mean64 = v.sum() / n
-    var = ((v - mean64) ** 2).sum() / n
-    return _f32(mean64.item()), _f32(np.sqrt(var.item()))
+    """float32 mean and population std of ``vals``: the NumPy engine's own functions (``preprocess._mean_f32`` and
+    ``_std_f32``) on a host copy, so that both engines normalise with the very same numbers (a float32 pairwise sum
+    cannot be reproduced on the device). Costs one device-to-host copy of the values, for NormalizeIntensity only."""
+    host = vals.detach().cpu().numpy()
+    return pp._mean_f32(host), pp._std_f32(host)
 
 
 def _as_param(v, like: torch.Tensor, mask: torch.Tensor | None):
@@ -383,7 +381,7 @@ def _normalize_one(x: torch.Tensor, nonzero: bool, sub, div) -> torch.Tensor:
         vals = x[mask]
     else:
         mask = None
-        vals = x.reshape(-1)
+        vals = x  # the same shape the NumPy engine reduces (its pairwise sum depends on the memory layout)
     mean = std = None
     if sub is None or div is None:
         mean, std = _stats(vals)
