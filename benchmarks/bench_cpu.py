@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -62,6 +61,7 @@ from benchmarks import _machine  # noqa: E402
 from benchmarks.monai_pipeline import bundle_with_weights  # noqa: E402
 
 from benchmarks._paths import RESULTS, SMOKE_BUNDLE, WHOLEBODY  # noqa: E402
+from segrt.artifact import sha256_file  # noqa: E402
 
 #: name -> (phantom shape, phantom spacing mm, bundle overrides)
 CONFIGS = {
@@ -85,13 +85,6 @@ def machine_info() -> dict:
 # inputs: bundle copy with weights + artifact, phantom
 # ---------------------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _work_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
@@ -110,12 +103,12 @@ def prepare_model(work: Path, source: Path, overrides: dict, seed: int, rebuild:
     root = work / "models" / tag
     bundle, artifact, stamp = root / "bundle", root / "artifact", root / "build.json"
     key = {"source": str(source.resolve()), "overrides": overrides, "seed": seed,
-           "configs_sha256": {p.name: _sha256(p) for p in sorted((source / "configs").glob("*.json"))}}
+           "configs_sha256": {p.name: sha256_file(p) for p in sorted((source / "configs").glob("*.json"))}}
     if not rebuild and stamp.is_file():
         try:
             rec = json.loads(stamp.read_text())
             art = Artifact.load(artifact)  # verifies the model files' sha256
-            ok = (rec.get("key") == key and _sha256(Path(rec["checkpoint"])) == rec["checkpoint_sha256"]
+            ok = (rec.get("key") == key and sha256_file(Path(rec["checkpoint"])) == rec["checkpoint_sha256"]
                   == art.manifest.get("weights", {}).get("sha256"))
         except Exception as exc:  # noqa: BLE001 - any damage to the cache means rebuild
             log(f"cache at {root} unusable ({type(exc).__name__}: {exc}); rebuilding")
@@ -133,7 +126,7 @@ def prepare_model(work: Path, source: Path, overrides: dict, seed: int, rebuild:
     ckpt = bundle_with_weights(source, bundle, seed=seed, overrides=overrides)
     log(f"exporting {bundle} -> {artifact} (ONNX export + accuracy gate; this can take minutes)")
     export(bundle, artifact, overrides=overrides or None)
-    stamp.write_text(json.dumps({"key": key, "checkpoint": str(ckpt), "checkpoint_sha256": _sha256(ckpt),
+    stamp.write_text(json.dumps({"key": key, "checkpoint": str(ckpt), "checkpoint_sha256": sha256_file(ckpt),
                                  "build_seconds": round(time.perf_counter() - t0, 1)}, indent=2))
     return bundle, artifact
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import platform
@@ -44,6 +43,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from segrt.artifact import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 MEASURE = REPO / "benchmarks" / "_measure.py"
@@ -54,14 +55,6 @@ SIDES = ("old", "new")
 
 def sh(cmd, **kw) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout.strip()
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def loadavg() -> list[float]:
@@ -144,7 +137,7 @@ def make_input(spacing: float, path: Path) -> dict:
         nib.save(img, str(path))
     return {"path": str(path), "shape": list(shape), "spacing_mm": list(sp), "axcodes": "LPS", "dtype": "int16",
             "fov_mm": list(DEFAULT_FOV_MM), "seed": 7, "maker": "segrt.phantom.make_phantom",
-            "bytes": path.stat().st_size, "sha256": sha256(path)}
+            "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def one_run(checkout: Path, art: Path, ct: Path, out: Path, work: Path) -> dict:
@@ -240,7 +233,7 @@ def main(argv=None) -> int:
                            check=True, capture_output=True, text=True)
     manifest = json.loads((art / "manifest.json").read_text())
     export.update(path=str(art), manifest_versions=manifest.get("versions"),
-                  onnx_sha256=sha256(art / "model_fp32.onnx") if (art / "model_fp32.onnx").exists() else None)
+                  onnx_sha256=sha256_file(art / "model_fp32.onnx") if (art / "model_fp32.onnx").exists() else None)
     loads = {side: load_check(checkouts[side], art, work) for side in SIDES}
     for side in SIDES:
         print(f"{side} loads the artifact: {loads[side]['ok']}" + ("" if loads[side]["ok"] else
