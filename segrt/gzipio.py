@@ -91,9 +91,10 @@ def decode_threads() -> int:
 
 
 def address_space_limited() -> bool:
-    """True when RLIMIT_DATA or RLIMIT_AS is set. rapidgzip reserves 1.5-2.5 GB of address space it never
-    touches (measured: VmData 2.4 GB, RSS 80 MB for a 33 MB volume) and crashes the process with SIGSEGV, not an
-    exception, when such a limit refuses the reservation (rapidgzip 0.16.2) - so it is not used then."""
+    """True when RLIMIT_DATA or RLIMIT_AS is set. rapidgzip reserves gigabytes of address space it never touches
+    (see VmData against RSS while it decodes) and crashes the process with SIGSEGV, not an exception, when such a
+    limit refuses the reservation (rapidgzip 0.16.2; ``tests/test_volume_read.py`` runs a child under such a
+    limit) - so it is not used then."""
     try:
         import resource
     except ImportError:  # not POSIX

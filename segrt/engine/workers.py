@@ -44,8 +44,8 @@ _MALLOC_FIXED = False
 def fix_malloc_mmap_threshold(nbytes: int = 1 << 20) -> bool:
     """Make glibc serve every allocation of ``nbytes`` or more with its own mmap (returned to the system on
     free). glibc otherwise raises that threshold after the first large free (up to 32 MiB), and the stitcher's
-    many cell-sized arrays then fragment the heap: resident memory grows past the live set (measured +8 % on a
-    256³ × 105-class job). Process-wide; done once; False where not glibc."""
+    many cell-sized arrays then fragment the heap: resident memory grows past the live set (see the peak RSS of
+    ``python benchmarks/bench_memory.py`` with and without it). Process-wide; done once; False where not glibc."""
     global _MALLOC_FIXED
     if _MALLOC_FIXED:
         return True
