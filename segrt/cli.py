@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "one-batch calibration) and exit without segmenting; reads only the input's header")
     r.add_argument("--device", default="auto",
                    choices=["auto", "cpu", "ort-cpu", "openvino", "cuda", "tensorrt", "ort-cuda", "torch-cuda"],
-                   help="where to run (default: auto = TensorRT → ORT-CUDA → torch-CUDA → ORT-CPU)")
+                   help="where to run (default: auto = TensorRT → ORT-CUDA → torch-CUDA (with --trust-torch-program) → the "
+                        "CPU: a gated OpenVINO bf16 variant, else ORT fp32)")
     r.add_argument("--variant", default=None, choices=["fp32", "fp16", "openvino-bf16"],
                    help="model precision (default: fp16 on a GPU when the artifact has it, fp32 on the CPU)")
     r.add_argument("--threads", type=_positive_int, default=None,
