@@ -19,6 +19,7 @@ includes the probability inverter's pushes.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -43,11 +44,10 @@ class Timer:
     def __init__(self):
         self._spans: list[tuple[str, float]] = []
         self._open: dict[int, tuple[str, float]] = {}
-        self._n = 0
+        self._tokens = itertools.count(1)  # next() on a count is atomic: tokens stay unique across threads
 
     def start(self, name: str) -> int:
-        self._n += 1
-        tok = self._n
+        tok = next(self._tokens)
         self._open[tok] = (name, time.perf_counter())
         return tok
 
