@@ -76,10 +76,7 @@ def _triple(text: str):
 
 def make_bundle(work: Path, classes: int, roi: int, seed: int) -> Path:
     """The fixture bundle at UNesT's roi and class count, with seeded weights where its handler loads them."""
-    import torch
-    from monai.bundle import ConfigParser
-
-    from parity_util import bundle_on_path, checkpoint_path
+    from benchmarks.monai_pipeline import save_random_weights
 
     dst = work / "bundle"
     if dst.exists():
@@ -98,15 +95,7 @@ def make_bundle(work: Path, classes: int, roi: int, seed: int) -> Path:
         out["num_channels"] = classes
         out["channel_def"] = {k: v for k, v in out["channel_def"].items() if int(k) < classes}
         (dst / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
-    parser = ConfigParser()
-    parser.read_config(str(cfg_path))
-    parser["bundle_root"] = str(dst)
-    torch.manual_seed(seed)
-    with bundle_on_path(dst):
-        net = parser.get_parsed_content("network_def", instantiate=True)
-    ckpt = checkpoint_path(parser, dst)
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), ckpt)
+    save_random_weights(dst, seed=seed, perturb_bn=False)  # the network's own init from the seed, as before
     return dst
 
 

@@ -158,7 +158,9 @@ class WallTimer:
 def build_network(parser, device, ckpt: Path):
     import torch
 
-    net = parser.get_parsed_content("network_def", instantiate=True)
+    from benchmarks.monai_pipeline import build_network as build_bundle_network
+
+    net = build_bundle_network(parser, Path(parser["bundle_root"]))  # the bundle's own scripts/ importable
     net.load_state_dict(torch.load(str(ckpt), map_location="cpu", weights_only=True))
     return net.to(device).eval()
 
@@ -300,7 +302,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from benchmarks.monai_pipeline import _config_parser, bundle_with_weights, run_pipeline
+    from benchmarks.monai_pipeline import bundle_with_weights, config_parser, run_pipeline
     from segrt.export import export
     from segrt.export.bundle import spec_from_parser
     from segrt.volume import Volume
@@ -329,8 +331,8 @@ def main(argv=None) -> int:
     export(wbundle, artifact, overrides=overrides or None, variants=("fp32",), torch_program=True,
            gate_samples=1, force=True)
     export_s = time.perf_counter() - t0
-    parser = _config_parser(wbundle, overrides)
-    spec = spec_from_parser(_config_parser(wbundle, overrides))
+    parser = config_parser(wbundle, overrides)
+    spec = spec_from_parser(config_parser(wbundle, overrides))
     net = build_network(parser, device, ckpt)
     n_params = sum(p.numel() for p in net.parameters())
     image, affine = ct_phantom(shape, spacing, args.seed)

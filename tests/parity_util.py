@@ -1,72 +1,32 @@
-"""Shared helpers for parity tests: run MONAI's own bundle pipeline next to segrt on the same weights."""
+"""Shared helpers for parity tests: run MONAI's own bundle pipeline (benchmarks/monai_pipeline.py, the harness
+the benchmarks time) next to segrt on the same weights."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import copy
-import shutil
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:  # the benchmarks package (pytest's pythonpath has it; a script may not)
+    sys.path.insert(0, str(_REPO))
+from benchmarks import monai_pipeline as _harness  # noqa: E402  # the one MONAI reference harness
+from benchmarks.monai_pipeline import bundle_on_path, checkpoint_path  # noqa: E402,F401  # re-exported
+
+SHARED = _REPO.parent / "shared"
 BUNDLES = SHARED / "bundles"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
-@contextlib.contextmanager
-def bundle_on_path(bundle: Path):
-    """The bundle root importable (its own ``scripts/`` network code), as ``monai.bundle run`` does; undone after."""
-    saved = list(sys.path)
-    before = set(sys.modules)
-    sys.path.insert(1, str(bundle))
-    try:
-        yield
-    finally:
-        sys.path[:] = saved
-        for name in set(sys.modules) - before:
-            if name == "scripts" or name.startswith("scripts."):
-                del sys.modules[name]
-
-
-def checkpoint_path(parser, bundle: Path) -> Path:
-    """Where the bundle loads its weights: ``checkpointloader#load_path``, a CheckpointLoader handler, or the default."""
-    if "checkpointloader" in parser:
-        return Path(parser.get_parsed_content("checkpointloader#load_path"))
-    for i, h in enumerate(parser["handlers"] if "handlers" in parser else []):
-        if str(h.get("_target_", "")).endswith("CheckpointLoader"):
-            return Path(parser.get_parsed_content(f"handlers#{i}#load_path"))
-    return bundle / "models" / "model.pt"
-
-
 def bundle_with_weights(src: Path, dst: Path, seed: int = 0, overrides: dict | None = None) -> Path:
-    """Copy a bundle's configs (and its own ``scripts/``) to ``dst`` with seeded random weights where it loads them."""
-    import torch
-    from monai.bundle import ConfigParser
+    """Copy a bundle's configs (and its own ``scripts/``) to ``dst`` with seeded random weights where it loads them.
 
-    shutil.copytree(src / "configs", dst / "configs")
-    if (src / "scripts").is_dir():
-        shutil.copytree(src / "scripts", dst / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
-    parser = ConfigParser()
-    parser.read_config(dst / "configs" / "inference.json")
-    parser["bundle_root"] = str(dst)
-    for k, v in (overrides or {}).items():
-        parser[k] = v
-    torch.manual_seed(seed)
-    with bundle_on_path(dst):
-        net = parser.get_parsed_content("network_def", instantiate=True)
-    ckpt = checkpoint_path(parser, dst)
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    # perturb BatchNorm statistics too, so they are not the trivial (0, 1)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.8, 1.2)
-    torch.save(net.state_dict(), ckpt)
+    The benchmarks' copy (:func:`benchmarks.monai_pipeline.bundle_with_weights`); returns ``dst``.
+    """
+    _harness.bundle_with_weights(src, dst, seed=seed, overrides=overrides)
     return dst
 
 
@@ -127,53 +87,16 @@ def mri_like(shape, seed=0) -> np.ndarray:
 
 
 def run_monai_bundle(bundle: Path, image_path: Path, out_dir: Path, overrides: dict | None = None):
-    """Run the bundle's own preprocessing, inferer and postprocessing (as its SupervisedEvaluator does).
+    """Run the bundle's own preprocessing, inferer and postprocessing (as its SupervisedEvaluator does), on the CPU.
 
+    The benchmarks' reference pipeline (:func:`benchmarks.monai_pipeline.run_pipeline`) with its intermediates.
     Returns dict with ``probs`` (softmax of stitched logits on the preprocessed grid, (K, ...)),
     ``labels`` (final labels on the input grid, from the bundle's postprocessing incl. Invertd and SaveImaged),
-    ``inv_probs`` (probabilities taken through the bundle's Invertd, for near-tie margins on the input grid).
+    ``inv_probs`` (probabilities taken through the bundle's Invertd, for near-tie margins on the input grid),
+    ``preprocessed`` (the image after the bundle's preprocessing).
     """
-    import torch
-    from monai.bundle import ConfigParser
-    from monai.data import decollate_batch, list_data_collate
-    from monai.transforms import Activationsd, Compose, Invertd
-
-    parser = ConfigParser()
-    parser.read_config(bundle / "configs" / "inference.json")
-    parser.read_meta(bundle / "configs" / "metadata.json")
-    parser["bundle_root"] = str(bundle)
-    parser["output_dir"] = str(out_dir)
-    for k, v in (overrides or {}).items():
-        parser[k] = v
-    # the CPU reference on every machine (the bundles stitch on "cuda if available"), as
-    # benchmarks/monai_pipeline.run_pipeline(device="cpu") pins it
-    for key in ("inferer#device", "inferer#sw_device"):
-        if key in parser:
-            parser[key] = "cpu"
-    torch.manual_seed(0)
-    with bundle_on_path(bundle):
-        net = parser.get_parsed_content("network_def", instantiate=True)
-    ckpt = checkpoint_path(parser, bundle)
-    net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
-    net.eval()
-    pre = parser.get_parsed_content("preprocessing")
-    inferer = parser.get_parsed_content("inferer")
-    post = parser.get_parsed_content("postprocessing")
-    d = pre({"image": str(image_path)})
-    batch = list_data_collate([d])  # as the bundle's DataLoader does
-    with torch.no_grad():
-        batch["pred"] = inferer(batch["image"], net)
-    item = decollate_batch(batch)[0]  # as the evaluator does before postprocessing
-    probs = torch.softmax(item["pred"].as_tensor().float(), 0).numpy()
-    out = post(copy.deepcopy(item))
-    labels = np.asarray(out["pred"].as_tensor())[0]
-    # probabilities through the same Invertd (nearest or bilinear as the bundle says)
-    inv_cfg = [t for t in parser["postprocessing"]["transforms"] if t["_target_"] == "Invertd"][0]
-    inv = Compose([Activationsd(keys="pred", softmax=True),
-                   Invertd(keys="pred", transform=pre, orig_keys="image",
-                           nearest_interp=bool(inv_cfg.get("nearest_interp", True)), to_tensor=True)])
-    inv_probs = np.asarray(inv(copy.deepcopy(item))["pred"].as_tensor())
-    return {"probs": probs, "labels": labels, "inv_probs": inv_probs, "preprocessed": d["image"].numpy()[0]}
+    res = _harness.run_pipeline(bundle, image_path, out_dir, overrides, device="cpu", intermediates=True)
+    return {k: res[k] for k in ("probs", "labels", "inv_probs", "preprocessed")}
 
 
 def top2_margin(probs: np.ndarray) -> np.ndarray:
