@@ -176,12 +176,13 @@ class Engine:
     def _as_volume(self, source, affine, on_device: bool = False) -> Volume | RawImage:
         """The input as a :class:`Volume`; ``on_device``: a file stays a :class:`RawImage` (stored dtype and order,
         uploaded as it is) and non-finite values are left to the device pipeline's own check."""
+        checked = False  # RawImage.to_volume (load_nifti) has checked for non-finite voxels already
         if isinstance(source, Volume):
             vol = source
         elif isinstance(source, RawImage):  # read_nifti's result: uploaded as stored, or MONAI's float32 here
-            vol = source if on_device else source.to_volume()
+            vol, checked = (source, False) if on_device else (source.to_volume(), True)
         elif isinstance(source, (str, os.PathLike)):
-            vol = read_nifti(source) if on_device else load_nifti(source)
+            vol, checked = (read_nifti(source), False) if on_device else (load_nifti(source), True)
         elif isinstance(source, np.ndarray):
             vol = Volume.from_array(source, affine=affine)
         else:
@@ -190,7 +191,7 @@ class Engine:
         if vol.num_channels != self.spec.in_channels:
             raise VolumeError(f"the model takes {self.spec.in_channels} channel(s), the input has "
                               f"{vol.num_channels} (array shape {vol.array.shape})")
-        if not on_device and not np.isfinite(vol.array).all():
+        if not on_device and not checked and not np.isfinite(vol.array).all():
             bad = int(np.size(vol.array) - np.count_nonzero(np.isfinite(vol.array)))
             raise VolumeError(f"input holds {bad} NaN/Inf voxel(s); expected finite intensities")
         return vol
