@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gpu-batch", type=_positive_int, default=None, metavar="N",
                    help="windows per network call on a GPU (default: torch-CUDA max(sw_batch_size, 4)); "
                         "does not change the result")
-    r.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     i = sub.add_parser("info", help="print an artifact's manifest as a readable table")
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--orientation", default="LPS", help="axcodes of the phantom's voxel grid (default: LPS)")
     d.add_argument("--spacing", type=_triple, default=(0.9, 0.9, 2.5), help="phantom voxel spacing in mm")
     d.add_argument("--seed", type=int, default=7)
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("-q", "--quiet", action="store_true")
     for parser in (e, r, i, d):  # -v is accepted after the subcommand too
         _add_verbose(parser, argparse.SUPPRESS)
     return p
@@ -200,8 +200,10 @@ def cmd_run(a) -> int:
         print(json.dumps({"output": str(a.output), "timings": seg.timings, "volumes_ml": seg.volumes_ml(),
                           **seg.metadata}, indent=2))
     elif not a.quiet:
+        m = seg.metadata
+        skipped = f" ({m['windows_skipped']} skipped by the skip rule)" if m.get("windows_skipped") else ""
         print(f"wrote {a.output}  ({seg.labels.shape[0]}×{seg.labels.shape[1]}×{seg.labels.shape[2]}, "
-              f"{seg.metadata['windows']} windows, backend {seg.metadata['backend']})")
+              f"{m['windows_run']} of {m['windows']} windows run{skipped}, backend {m['backend']})")
         if seg.metadata.get("overlap_overridden"):
             print(f"  overlap {','.join(f'{o:g}' for o in seg.metadata['overlap'])} "
                   f"(artifact: {','.join(f'{o:g}' for o in seg.metadata['artifact_overlap'])})")

@@ -162,3 +162,19 @@ def test_device_pipeline_plans_once_and_matches_the_numpy_engine(tmp_path, count
     assert dict(counts) == {"windows": 1, "cells": 1, "plan_geometry": 1, "plan_spacing": 1,
                             "plan_orientation": 1}, dict(counts)
     np.testing.assert_array_equal(res.labels, ref.labels)
+
+
+def test_run_summary_states_windows_run_and_skipped(tmp_path, capsys):
+    from segrt.cli import main
+
+    art = _artifact(tmp_path, **VARIANTS["skip_rule"])
+    ct = _ct(tmp_path / "ct.nii.gz", shape=(40, 33, 21))
+    assert main(["run", str(art), str(ct), "-o", str(tmp_path / "o.nii.gz"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("wrote "))
+    assert " windows run" in line and " of " in line, line
+    assert main(["run", str(art), str(ct), "-o", str(tmp_path / "o.nii.gz"), "--device", "cpu", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    if d["windows_skipped"]:
+        assert f"({d['windows_skipped']} skipped by the skip rule)" in line
+    assert f"{d['windows_run']} of {d['windows']} windows run" in line
