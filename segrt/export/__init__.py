@@ -151,8 +151,12 @@ def _load_torchscript(src: Path):
     return model.eval()
 
 
-def _check_forward(model, spec: Spec) -> None:
-    """One forward at roi size: the output must be (1, num_classes, *roi_size)."""
+def _check_forward(model, spec: Spec) -> dict:
+    """One forward at roi size: the output must be (1, num_classes, *roi_size).
+
+    A network that returns a tuple/list of tensors (deep supervision, nnU-Net style: the full-resolution head
+    first, lower resolutions after) is accepted when exactly one of its outputs has that shape; the returned
+    dict (``{}`` for a single tensor) holds ``output_index`` and ``outputs_seen`` for the manifest."""
     import torch
 
     roi = tuple(spec.inference.roi_size)
@@ -163,12 +167,49 @@ def _check_forward(model, spec: Spec) -> None:
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"the network fails on a (1, {spec.in_channels}, {', '.join(map(str, roi))}) "
                           f"input: {type(exc).__name__}: {str(exc)[:300]}") from exc
-    if isinstance(y, (tuple, list)):
-        raise ExportError(f"the network returns a {type(y).__name__} of outputs; expected one tensor")
     want = (1, spec.num_classes, *roi)
+    if isinstance(y, (tuple, list)):
+        if not y or not all(isinstance(t, torch.Tensor) for t in y):
+            raise ExportError(f"the network returns a {type(y).__name__} of "
+                              f"{[type(t).__name__ for t in y]}; expected tensors")
+        seen = [list(t.shape) for t in y]
+        hits = [i for i, t in enumerate(y) if tuple(t.shape) == want]
+        if len(hits) != 1:
+            which = "none" if not hits else f"{len(hits)} (indices {hits})"
+            raise ExportError(f"the network returns a {type(y).__name__} of {len(y)} outputs with shapes {seen}; "
+                              f"{which} of them has the shape {list(want)} (batch, num_classes="
+                              f"{spec.num_classes}, *roi_size), so the segmentation output is ambiguous")
+        return {"output_index": hits[0], "outputs_seen": seen}
+    if not isinstance(y, torch.Tensor):
+        raise ExportError(f"the network returns a {type(y).__name__}; expected a tensor")
     if tuple(y.shape) != want:
         raise ExportError(f"the network output has shape {tuple(y.shape)}, expected {want} "
                           f"(batch, num_classes={spec.num_classes}, *roi_size)")
+    return {}
+
+
+def _select_output(model, index: int, example=None):
+    """Wrap a multi-output network so that it returns only output ``index`` (one ONNX output).
+
+    A TorchScript network is wrapped, then traced with ``example`` (the ONNX TorchScript exporter cannot trace
+    an nn.Module that calls a loaded ScriptModule; ``torch.jit.trace`` can, and keeps the scripted network's
+    graph, control flow included, as a call)."""
+    import torch
+
+    class SelectOutput(torch.nn.Module):
+        def __init__(self, net, i: int):
+            super().__init__()
+            self.net = net
+            self.index = int(i)
+
+        def forward(self, x):
+            return self.net(x)[self.index]
+
+    wrapper = SelectOutput(model, index).eval()
+    if example is not None and isinstance(model, torch.jit.ScriptModule):
+        with torch.no_grad():
+            wrapper = torch.jit.trace(wrapper, example, check_trace=False).eval()
+    return wrapper
 
 
 def _onnx_source(src: Path, tmp: Path, spec: Spec, gate_samples: int) -> tuple[dict, dict]:
@@ -399,12 +440,17 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         if model is not None:
-            _check_forward(model, the_spec)
+            picked = _check_forward(model, the_spec)
+            if picked:
+                import torch
+
+                example = torch.zeros((1, the_spec.in_channels, *the_spec.inference.roi_size))
+                model = _select_output(model, picked["output_index"], example)
             entry = export_onnx(model, tmp / MODEL_FP32, in_channels=the_spec.in_channels,
                                 roi_size=the_spec.inference.roi_size, num_classes=the_spec.num_classes,
                                 opset=opset, exporter=exporter)
             digest = sha256_file(tmp / MODEL_FP32)
-            entry = {"path": MODEL_FP32, "sha256": digest, "format": "onnx", **entry}
+            entry = {"path": MODEL_FP32, "sha256": digest, "format": "onnx", **entry, **picked}
             entry.pop("external_data", None)
             report = run_gate(model, tmp / MODEL_FP32, in_channels=the_spec.in_channels,
                               roi_size=the_spec.inference.roi_size, num_classes=the_spec.num_classes,

@@ -23,6 +23,11 @@ slated for removal), so artifacts keep exporting on future torch versions; its s
 matter for a one-off export. We fall back to the TorchScript exporter when dynamo fails - notably for
 TorchScript *sources* (``torch.jit.load`` modules cannot go through ``torch.export``) - and record
 which exporter produced the file, and why a fallback happened, in the manifest.
+
+Norms. InstanceNorm3d (affine, with or without running statistics), GroupNorm, BatchNorm3d and Dropout3d in
+eval export with a dynamic batch through either exporter (tests/test_trained_forms.py). torch's TorchScript
+exporter refuses an instance norm that uses running statistics under a dynamic batch ("instance_norm training
+for unknown batch size"); :func:`_export_torchscript` exports it as the equivalent BatchNormalization instead.
 """
 
 from __future__ import annotations
@@ -99,12 +104,45 @@ def _export_dynamo(model, example, path: Path, opset: int) -> None:
         noisy.setLevel(level)
 
 
+def _instance_norm_symbolic():
+    """A TorchScript-exporter symbolic for ``aten::instance_norm`` that keeps the batch dimension dynamic.
+
+    torch's own symbolic exports an instance norm that uses *running* statistics (``InstanceNorm3d(...,
+    track_running_stats=True)`` in eval) by reshaping (N, C, ...) to (1, N*C, ...), which needs a fixed N and
+    raises "instance_norm training for unknown batch size" under a dynamic batch. Running statistics are
+    per channel and shared by every sample, so that is exactly BatchNormalization (inference mode) on the
+    unreshaped input, which has no batch size in it; every other case goes to torch's symbolic unchanged.
+    """
+    try:
+        from torch.onnx import symbolic_helper as helper, symbolic_opset9 as opset9
+    except ImportError:  # pragma: no cover - older/newer layouts
+        from torch.onnx._internal.torchscript_exporter import symbolic_helper as helper
+        from torch.onnx._internal.torchscript_exporter import symbolic_opset9 as opset9
+
+    @helper.parse_args("v", "v", "v", "v", "v", "b", "f", "f", "b")
+    def instance_norm(g, input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+                      cudnn_enabled):
+        has_running = not (running_mean is None or helper._is_none(running_mean) or running_var is None
+                           or helper._is_none(running_var))
+        if has_running and not use_input_stats:
+            return opset9.batch_norm(g, input, weight, bias, running_mean, running_var, False, momentum, eps,
+                                     cudnn_enabled)
+        return opset9.instance_norm(g, input, weight, bias, running_mean, running_var, use_input_stats,
+                                    momentum, eps, cudnn_enabled)
+
+    return instance_norm
+
+
 def _export_torchscript(model, example, path: Path, opset: int) -> None:
     import torch
 
-    torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                      opset_version=opset, dynamo=False,
-                      dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}})
+    torch.onnx.register_custom_op_symbolic("aten::instance_norm", _instance_norm_symbolic(), opset)
+    try:
+        torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          opset_version=opset, dynamo=False,
+                          dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}})
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::instance_norm", opset)
 
 
 def _validate(path: Path, in_channels: int, roi_size, num_classes: int | None) -> dict:
@@ -148,9 +186,9 @@ def export_onnx(model, path, *, in_channels: int, roi_size, num_classes: int | N
     model.eval()
     example = torch.zeros((1, int(in_channels), *map(int, roi_size)), dtype=torch.float32)
     order = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}[exporter]
-    if isinstance(model, torch.jit.ScriptModule) and exporter == "auto":
+    if exporter == "auto" and any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
         order = ["torchscript"]  # torch.export cannot trace a ScriptModule
-        notes = ["source is a TorchScript module, which torch.export (dynamo) cannot trace"]
+        notes = ["the source is (or holds) a TorchScript module, which torch.export (dynamo) cannot trace"]
     else:
         notes = []
     fns = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
