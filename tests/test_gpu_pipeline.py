@@ -19,6 +19,7 @@ from segrt.engine.gpu.invert import TorchProbabilityInverter  # noqa: E402
 from segrt.engine.stitch import sliding_window_stream  # noqa: E402
 from segrt.errors import InferenceError, VolumeError  # noqa: E402
 from segrt.engine import resample as KR  # noqa: E402
+from segrt.engine.gpu.pipeline import TorchOps  # noqa: E402
 from segrt.engine.plan import make_plan  # noqa: E402
 from segrt.spec import (InferenceSpec, IntensityOp, Postprocessing, Preprocessing, SpacingSpec,  # noqa: E402
                         Spec)
@@ -135,7 +136,8 @@ def test_preprocess_matches_numpy(shape, spacing, perm, pixdim):
     # the whole chain, intensity included
     pipe = TorchPipeline(spec, PointwisePredictor(4), "cpu")
     plan = make_plan(spec, vol.affine, vol.spatial_shape, vol.num_channels)
-    x, _ = pipe._preprocess(raw, plan)
+    ops = TorchOps(pipe, plan)  # the stages orchestrator.run calls
+    x = ops.intensity(ops.resample(raw, plan))
     rec2 = plan.geometry
     assert rec2.output_shape == rec.output_shape and rec2.oriented_shape == rec.oriented_shape
     np.testing.assert_allclose(x.numpy(), ref, rtol=0, atol=2e-6)

@@ -97,9 +97,9 @@ def _is_artifact_dir(p: Path) -> bool:
 
 
 def _check_out_dir(out: Path, force: bool) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise ExportError(f"output {str(out)!r} exists and is not a directory")
+    """Whether an existing, non-empty ``out`` may be replaced (the path itself is checked by
+    :func:`segrt.safety.check_output_dir` first: a directory or nothing, in an existing, writable parent)."""
+    if out.is_dir():
         if any(out.iterdir()):
             if not _is_artifact_dir(out):
                 raise ExportError(f"output directory {str(out)!r} exists, is not empty and is not a segrt "
@@ -107,8 +107,6 @@ def _check_out_dir(out: Path, force: bool) -> None:
             if not force:
                 raise ExportError(f"output directory {str(out)!r} already holds a segrt artifact; pass "
                                   f"force=True (--force) to replace it")
-    if not out.parent.is_dir():
-        raise ExportError(f"parent directory {str(out.parent)!r} of the output does not exist")
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -436,7 +434,6 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
         warnings.warn(msg, UserWarning, stacklevel=2)
         log.warning(msg)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         if model is not None:

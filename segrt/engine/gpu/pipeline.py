@@ -108,16 +108,6 @@ class TorchPipeline:
                               f"{volume.num_channels} (array shape {volume.array.shape})")
         return volume
 
-    def _preprocess(self, raw: torch.Tensor, plan: SegmentationPlan):
-        """Device preprocessing on the plan's geometry (the stages :func:`segrt.engine.orchestrator.run` calls):
-        ``(image (C, X', Y', Z') float32 device tensor, skip)``, ``skip`` the plan's skip flags or None."""
-        ops = TorchOps(self, plan)
-        x = ops.resample(raw, plan)
-        skip = None
-        if plan.skip_rule is not None:
-            skip = ops.window_maxima(x, plan) < plan.skip_rule.threshold
-        return ops.intensity(x), skip
-
     def segment(self, volume: Volume | RawImage, return_probabilities: bool = False,
                 plan: SegmentationPlan | None = None) -> PipelineResult:
         """Segment ``volume`` (a :class:`Volume`, or a :class:`RawImage` as stored in its file: uploaded in its own
