@@ -187,6 +187,25 @@ class _NoAllocPredictor:
         return out
 
 
+def _stream_rows_and_peak(stream, check=None) -> tuple[int, int]:
+    """Consume ``stream`` (slabs in row order, each checked by ``check(x0, slab)``) under tracemalloc: the rows
+    handed out and the peak of traced bytes above the start."""
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        n_rows = 0
+        for x0, slab in stream:
+            assert x0 == n_rows
+            n_rows += slab.shape[1]
+            if check is not None:
+                check(x0, slab)
+            del slab
+        return n_rows, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
 def test_peak_memory_matches_formula_and_is_small():
     shape, roi, k, bs = (400, 40, 36), (16, 16, 16), 4, 2
     spec = _spec(roi, 0.5, "gaussian", "constant", bs)
@@ -195,21 +214,11 @@ def test_peak_memory_matches_formula_and_is_small():
     predicted = stitch_peak_bytes(shape, spec, k, in_channels=1)
     full_volume = 4 * k * int(np.prod(shape))
 
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        n_rows = 0
-        for x0, slab in sliding_window_stream(img, spec, predictor, k):
-            assert x0 == n_rows
-            n_rows += slab.shape[1]
-            # check a few voxels: (k+1)*x + k
-            assert np.allclose(slab[:, :, 7, 5], (np.arange(k)[:, None] + 1) * img[0, x0:x0 + slab.shape[1], 7, 5]
-                               + np.arange(k)[:, None], rtol=1e-6, atol=1e-6)
-            del slab
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
+    def check(x0, slab):  # a few voxels: (k+1)*x + k
+        assert np.allclose(slab[:, :, 7, 5], (np.arange(k)[:, None] + 1) * img[0, x0:x0 + slab.shape[1], 7, 5]
+                           + np.arange(k)[:, None], rtol=1e-6, atol=1e-6)
+
+    n_rows, peak = _stream_rows_and_peak(sliding_window_stream(img, spec, predictor, k), check)
     assert n_rows == shape[0]
     # the formula accounts for every buffer; its ufunc-scratch and Python-bookkeeping terms are upper bounds
     assert predicted - ufunc_scratch_bytes() - 64 * 1024 <= peak <= predicted + 16 * 1024, (peak, predicted)
@@ -236,18 +245,7 @@ def test_stream_peak_memory_with_two_open_slabs(order):
     for _ in sliding_window_stream(img[:, :40], spec, predictor, k, order=order):  # one-time allocations
         pass
     predicted = sum(terms.values())
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        n_rows = 0
-        for x0, slab in sliding_window_stream(img, spec, predictor, k, order=order):
-            assert x0 == n_rows
-            n_rows += slab.shape[1]
-            del slab
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
+    n_rows, peak = _stream_rows_and_peak(sliding_window_stream(img, spec, predictor, k, order=order))
     assert n_rows == shape[0]
     assert predicted - ufunc_scratch_bytes() - 64 * 1024 <= peak <= predicted + 16 * 1024, (peak, predicted)
 
