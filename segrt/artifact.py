@@ -117,6 +117,13 @@ def _check_model_entry(root: Path, variant, entry, spec: Spec) -> None:
     if fmt not in MODEL_FORMATS:
         raise ArtifactError(f"{where}: unknown format {fmt!r}; expected one of {', '.join(MODEL_FORMATS)}")
     inf = spec.inference
+    fixed_batch = entry.get("fixed_batch")
+    if fixed_batch is not None:
+        if isinstance(fixed_batch, bool) or not isinstance(fixed_batch, int) or not 1 <= fixed_batch <= 4096:
+            raise ArtifactError(f"{where}: fixed_batch must be an integer in 1..4096, got {fixed_batch!r}")
+        if fixed_batch < inf.sw_batch_size:
+            raise ArtifactError(f"{where}: the model takes a fixed batch of {fixed_batch} windows, fewer than the "
+                                f"spec's inference.sw_batch_size {inf.sw_batch_size}")
     for key, channels, name in (("input_shape", spec.in_channels, "in_channels"),
                                 ("output_shape", spec.num_classes, "num_classes")):
         shape = entry.get(key)

@@ -232,3 +232,97 @@ def test_softmax_inside_the_network(tmp_path):
     with torch.no_grad():
         ref = net(torch.from_numpy(vol)[None, None]).argmax(1)[0].numpy()
     assert np.array_equal(seg.labels, ref)
+
+
+# ---- instance statistics with running buffers (nnU-Net style) and the fixed-batch fallback ----
+
+class InstanceStatsWithBuffers(nn.Module):
+    """Norms that keep running buffers but normalise with each instance's own statistics, as a network traced in
+    train mode (or a custom nnU-Net-style norm) does: torch's TorchScript symbolic refuses these under a dynamic
+    batch ("instance_norm training for unknown batch size")."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 4, 3, padding=1)
+        self.norm = nn.InstanceNorm3d(4, affine=True, track_running_stats=True)
+        self.head = nn.Conv3d(4, K, 1)
+
+    def forward(self, x):
+        h = torch.nn.functional.instance_norm(self.conv(x), self.norm.running_mean, self.norm.running_var,
+                                              self.norm.weight, self.norm.bias, use_input_stats=True)
+        return self.head(torch.relu(h))
+
+
+@pytest.mark.parametrize("how", ["trace_train_mode", "script_custom_norm"])
+def test_instance_statistics_with_running_buffers_keep_a_dynamic_batch(tmp_path, how):
+    torch.manual_seed(40)
+    if how == "trace_train_mode":  # a plain InstanceNorm3d(track_running_stats=True), traced while training
+        net = _norm_net("instance_running").train()
+        with torch.no_grad():
+            ts = torch.jit.trace(net, torch.randn(2, 1, ROI, ROI, ROI), check_trace=False)
+        ts.save(str(tmp_path / "n.ts"))
+        ref = torch.jit.load(str(tmp_path / "n.ts")).eval()  # the traced graph keeps instance statistics
+    else:
+        net = InstanceStatsWithBuffers().eval()
+        with torch.no_grad():
+            net.norm.running_mean.uniform_(-0.5, 0.5)
+            net.norm.weight.uniform_(0.5, 1.5)
+        _to_ts(net, tmp_path / "n.ts", "script")
+        ref = net
+    art = export(tmp_path / "n.ts", tmp_path / "art", spec=_spec())
+    entry = Artifact.load(art).manifest["models"]["fp32"]
+    assert entry["input_shape"][0] == "batch" and "fixed_batch" not in entry
+    for batch in (1, 3):  # each sample normalised by its own statistics, whatever the batch
+        assert _ort_vs_torch(art / entry["path"], ref, batch=batch) < 1e-4
+    _segment(art)
+
+
+class BatchBakedIn(nn.Module):
+    """A network that reshapes with a literal batch size (as some hand-written heads do): no exporter can keep the
+    batch dynamic."""
+
+    def __init__(self, batch):
+        super().__init__()
+        self.batch = batch
+        self.conv = nn.Conv3d(1, K, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        flat = y.reshape(self.batch, K, ROI * ROI * ROI)  # the batch baked in
+        return torch.softmax(flat, dim=1).reshape(self.batch, K, ROI, ROI, ROI)
+
+
+def test_fixed_batch_fallback_is_recorded_and_the_runtime_pads_the_last_batch(tmp_path):
+    torch.manual_seed(41)
+    net = BatchBakedIn(2).eval()
+    with torch.no_grad():
+        ts = torch.jit.trace(net, torch.zeros(2, 1, ROI, ROI, ROI), check_trace=False)
+    ts.save(str(tmp_path / "b.ts"))
+    art = export(tmp_path / "b.ts", tmp_path / "art", spec=_spec(softmax=False, sw_batch_size=2))
+    m = Artifact.load(art).manifest
+    entry = m["models"]["fp32"]
+    assert entry["fixed_batch"] == 2 and entry["input_shape"][0] == 2
+    assert "fixed batch of 2" in entry["exporter_note"]
+    assert m["gate"]["fp32"]["passed"] is True
+    # 3 windows per axis at roi 16, overlap 0.5 on 32³ → 27 windows: the last batch of 1 is padded
+    vol = np.random.default_rng(8).standard_normal((32, 32, 32)).astype(np.float32)
+    with segrt.Engine.load(art, device="cpu") as eng:
+        assert eng.backend.fixed_batch == 2
+        seg = eng.segment(vol, np.eye(4), progress=False)
+    assert seg.metadata["windows_run"] % 2 == 1
+    with segrt.Engine.load(art, device="cpu") as eng:  # the same windows one at a time through the padding
+        single = np.stack([eng.backend.infer(np.random.default_rng(9).standard_normal(
+            (1, 1, ROI, ROI, ROI), dtype=np.float32))[0] for _ in range(1)])
+    with torch.no_grad():
+        x = np.random.default_rng(9).standard_normal((1, 1, ROI, ROI, ROI), dtype=np.float32)
+        ref = torch.jit.load(str(tmp_path / "b.ts"))(torch.from_numpy(np.concatenate([x, x])))[:1].numpy()
+    assert np.abs(single - ref).max() < 1e-5
+
+
+def test_fixed_batch_refuses_variants_that_need_a_dynamic_batch(tmp_path):
+    net = BatchBakedIn(2).eval()
+    with torch.no_grad():
+        torch.jit.trace(net, torch.zeros(2, 1, ROI, ROI, ROI), check_trace=False).save(str(tmp_path / "b.ts"))
+    with pytest.raises(ExportError, match="fixed batch of 2.*fp16 need a dynamic batch"):
+        export(tmp_path / "b.ts", tmp_path / "art", spec=_spec(softmax=False), variants=("fp32", "fp16"))
+    assert not (tmp_path / "art").exists()

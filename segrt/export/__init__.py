@@ -152,20 +152,26 @@ def _load_torchscript(src: Path):
 def _check_forward(model, spec: Spec) -> dict:
     """One forward at roi size: the output must be (1, num_classes, *roi_size).
 
+    Tried at batch 1, then at the spec's ``sw_batch_size`` (a network with its batch size baked in).
     A network that returns a tuple/list of tensors (deep supervision, nnU-Net style: the full-resolution head
     first, lower resolutions after) is accepted when exactly one of its outputs has that shape; the returned
     dict (``{}`` for a single tensor) holds ``output_index`` and ``outputs_seen`` for the manifest."""
     import torch
 
     roi = tuple(spec.inference.roi_size)
-    x = torch.zeros((1, spec.in_channels, *roi), dtype=torch.float32)
-    try:
-        with torch.no_grad():
-            y = model(x)
-    except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"the network fails on a (1, {spec.in_channels}, {', '.join(map(str, roi))}) "
-                          f"input: {type(exc).__name__}: {str(exc)[:300]}") from exc
-    want = (1, spec.num_classes, *roi)
+    sizes = [1] + ([spec.inference.sw_batch_size] if spec.inference.sw_batch_size > 1 else [])
+    for n in sizes:  # a network with its batch baked in runs only at that batch (export then fixes the batch)
+        x = torch.zeros((n, spec.in_channels, *roi), dtype=torch.float32)
+        try:
+            with torch.no_grad():
+                y = model(x)
+            break
+        except Exception as exc:  # noqa: BLE001
+            if n == sizes[-1]:
+                tried = " and ".join(f"({b}, {spec.in_channels}, {', '.join(map(str, roi))})" for b in sizes)
+                raise ExportError(f"the network fails on a {tried} input: {type(exc).__name__}: "
+                                  f"{str(exc)[:300]}") from exc
+    want = (n, spec.num_classes, *roi)
     if isinstance(y, (tuple, list)):
         if not y or not all(isinstance(t, torch.Tensor) for t in y):
             raise ExportError(f"the network returns a {type(y).__name__} of "
@@ -269,6 +275,8 @@ def _onnx_source(src: Path, tmp: Path, spec: Spec, gate_samples: int) -> tuple[d
         "exporter_note": "the ONNX source file was copied" + (
             " (external data embedded)" if io_["external_data"] else ""),
     }
+    if isinstance(batch, int):
+        entry["fixed_batch"] = batch
     return entry, report
 
 
@@ -282,6 +290,12 @@ def _extra_variants(tmp: Path, model, spec: Spec, fp32_entry: dict, models: dict
     """Write, gate and record the optional fp16 ONNX, torch program and TensorRT plan."""
     if not ("fp16" in variants or torch_program or tensorrt):
         return
+    if "fixed_batch" in fp32_entry:
+        asked = [n for n, on in (("fp16", "fp16" in variants), ("torch_program", torch_program),
+                                 ("tensorrt", tensorrt)) if on]
+        raise ExportError(f"the network exported only with a fixed batch of {fp32_entry['fixed_batch']} "
+                          f"({fp32_entry.get('exporter_note', 'no reason recorded')}); {', '.join(asked)} "
+                          f"need a dynamic batch: export without them")
     from segrt.export.gate import _run_onnx, _session, gate_seed
 
     if model is not None:
@@ -441,17 +455,19 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
             if picked:
                 import torch
 
-                example = torch.zeros((1, the_spec.in_channels, *the_spec.inference.roi_size))
+                n = picked["outputs_seen"][picked["output_index"]][0]  # 1, or a baked-in batch
+                example = torch.zeros((n, the_spec.in_channels, *the_spec.inference.roi_size))
                 model = _select_output(model, picked["output_index"], example)
             entry = export_onnx(model, tmp / MODEL_FP32, in_channels=the_spec.in_channels,
                                 roi_size=the_spec.inference.roi_size, num_classes=the_spec.num_classes,
-                                opset=opset, exporter=exporter)
+                                opset=opset, exporter=exporter, fixed_batch=the_spec.inference.sw_batch_size)
             digest = sha256_file(tmp / MODEL_FP32)
             entry = {"path": MODEL_FP32, "sha256": digest, "format": "onnx", **entry, **picked}
             entry.pop("external_data", None)
             report = run_gate(model, tmp / MODEL_FP32, in_channels=the_spec.in_channels,
                               roi_size=the_spec.inference.roi_size, num_classes=the_spec.num_classes,
-                              samples=int(gate_samples), seed=gate_seed("fp32", digest))
+                              samples=int(gate_samples), seed=gate_seed("fp32", digest),
+                              **({"batch": entry["fixed_batch"]} if "fixed_batch" in entry else {}))
             used_opset = entry.get("opset", opset)
         else:
             entry, report = _onnx_source(src, tmp, the_spec, int(gate_samples))

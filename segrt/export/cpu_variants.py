@@ -190,7 +190,8 @@ def add_cpu_variants(tmp, spec, fp32_entry: dict, models: dict, gates: dict, cpu
     for variant in cpu_variants:
         if variant not in CPU_VARIANTS:
             raise ExportError(f"unknown CPU variant {variant!r}; expected one of {', '.join(CPU_VARIANTS)}")
-        report = gate_cpu_variant(variant, tmp / fp32_entry["path"], spec, samples=samples, seed=seed)
+        batch = fp32_entry.get("fixed_batch", 2)
+        report = gate_cpu_variant(variant, tmp / fp32_entry["path"], spec, samples=samples, seed=seed, batch=batch)
         models[variant] = {**{k: fp32_entry[k] for k in ("path", "sha256", "format", "input_name", "output_name",
                                                           "input_shape", "output_shape", "opset")
                               if k in fp32_entry},

@@ -26,8 +26,18 @@ which exporter produced the file, and why a fallback happened, in the manifest.
 
 Norms. InstanceNorm3d (affine, with or without running statistics), GroupNorm, BatchNorm3d and Dropout3d in
 eval export with a dynamic batch through either exporter (tests/test_trained_forms.py). torch's TorchScript
-exporter refuses an instance norm that uses running statistics under a dynamic batch ("instance_norm training
-for unknown batch size"); :func:`_export_torchscript` exports it as the equivalent BatchNormalization instead.
+exporter refuses an instance norm that *has* running-statistics buffers under a dynamic batch ("instance_norm
+training for unknown batch size") whichever statistics it uses; :func:`_instance_norm_symbolic` canonicalises
+both cases before export: running statistics used (``track_running_stats=True`` in eval) → the equivalent
+BatchNormalization; instance statistics used although buffers exist (a module traced in train mode, or an
+nnU-Net-style network whose norms keep buffers but normalise per instance) → InstanceNormalization, which is what
+the forward computes (the buffers' update is a training side effect with no effect on the output).
+
+Fixed batch. When every exporter fails with a dynamic batch (a network that bakes its batch size into a
+reshape, say), :func:`export_onnx` exports once more with the batch fixed at ``fixed_batch`` (the spec's
+``sw_batch_size``) and records ``fixed_batch`` and the reason in the manifest entry; the runtime backends then
+run exactly that batch size, padding the last, partial batch of a volume with zeros and dropping those outputs
+(:meth:`segrt.engine.backends.base.Backend.run_fixed_batch`).
 """
 
 from __future__ import annotations
@@ -111,7 +121,9 @@ def _instance_norm_symbolic():
     track_running_stats=True)`` in eval) by reshaping (N, C, ...) to (1, N*C, ...), which needs a fixed N and
     raises "instance_norm training for unknown batch size" under a dynamic batch. Running statistics are
     per channel and shared by every sample, so that is exactly BatchNormalization (inference mode) on the
-    unreshaped input, which has no batch size in it; every other case goes to torch's symbolic unchanged.
+    unreshaped input, which has no batch size in it. One that uses *instance* statistics although it has running
+    buffers is plain InstanceNormalization (torch's symbolic would reshape there too); every other case goes to
+    torch's symbolic unchanged.
     """
     try:
         from torch.onnx import symbolic_helper as helper, symbolic_opset9 as opset9
@@ -127,25 +139,33 @@ def _instance_norm_symbolic():
         if has_running and not use_input_stats:
             return opset9.batch_norm(g, input, weight, bias, running_mean, running_var, False, momentum, eps,
                                      cudnn_enabled)
+        if has_running:  # instance statistics: the buffers only receive a (training-time) update
+            return opset9.instance_norm(g, input, weight, bias, None, None, True, momentum, eps, cudnn_enabled)
         return opset9.instance_norm(g, input, weight, bias, running_mean, running_var, use_input_stats,
                                     momentum, eps, cudnn_enabled)
 
     return instance_norm
 
 
-def _export_torchscript(model, example, path: Path, opset: int) -> None:
+def _export_torchscript(model, example, path: Path, opset: int, dynamic: bool = True) -> None:
     import torch
 
     torch.onnx.register_custom_op_symbolic("aten::instance_norm", _instance_norm_symbolic(), opset)
     try:
         torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           opset_version=opset, dynamo=False,
-                          dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}})
+                          dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}} if dynamic else None)
     finally:
         torch.onnx.unregister_custom_op_symbolic("aten::instance_norm", opset)
 
 
-def _validate(path: Path, in_channels: int, roi_size, num_classes: int | None) -> dict:
+def _export_fixed(model, example, path: Path, opset: int) -> None:
+    """The last resort: the TorchScript exporter with the batch of ``example`` fixed (torch's own symbolics may then
+    use the batch size, e.g. the instance norm's reshape)."""
+    _export_torchscript(model, example, path, opset, dynamic=False)
+
+
+def _validate(path: Path, in_channels: int, roi_size, num_classes: int | None, fixed_batch: int | None = None) -> dict:
     import onnx
 
     try:
@@ -154,27 +174,34 @@ def _validate(path: Path, in_channels: int, roi_size, num_classes: int | None) -
         raise ExportError(f"exported ONNX model fails onnx.checker: {exc}") from exc
     io_ = onnx_io(path)
     want_in = [in_channels, *roi_size]
-    if io_["input_shape"][1:] != want_in or isinstance(io_["input_shape"][0], int):
+    b = fixed_batch if fixed_batch is not None else f"'{BATCH_DIM}'"
+    how = f"a fixed batch of {fixed_batch}" if fixed_batch is not None else "a dynamic batch"
+
+    def batch_ok(d):
+        return d == fixed_batch if fixed_batch is not None else not isinstance(d, int)
+
+    if io_["input_shape"][1:] != want_in or not batch_ok(io_["input_shape"][0]):
         raise ExportError(f"exported ONNX input has shape {io_['input_shape']}, expected "
-                          f"['{BATCH_DIM}', {', '.join(map(str, want_in))}] with a dynamic batch")
+                          f"[{b}, {', '.join(map(str, want_in))}] with {how}")
     out = io_["output_shape"]
-    if isinstance(out[0], int) or (num_classes is not None and out[1:] != [num_classes, *roi_size]):
+    if not batch_ok(out[0]) or (num_classes is not None and out[1:] != [num_classes, *roi_size]):
         raise ExportError(f"exported ONNX output has shape {out}, expected "
-                          f"['{BATCH_DIM}', {num_classes}, {', '.join(map(str, roi_size))}]")
-    # name the symbolic batch dim the same on both sides, whatever the exporter called it
-    io_["input_shape"][0] = BATCH_DIM
-    io_["output_shape"][0] = BATCH_DIM
+                          f"[{b}, {num_classes}, {', '.join(map(str, roi_size))}]")
+    if fixed_batch is None:  # name the symbolic batch dim the same on both sides, whatever the exporter called it
+        io_["input_shape"][0] = BATCH_DIM
+        io_["output_shape"][0] = BATCH_DIM
     return io_
 
 
 def export_onnx(model, path, *, in_channels: int, roi_size, num_classes: int | None = None,
-                opset: int = DEFAULT_OPSET, exporter: str = "auto") -> dict:
+                opset: int = DEFAULT_OPSET, exporter: str = "auto", fixed_batch: int | None = None) -> dict:
     """Export ``model`` (eval mode, CPU) to ``path``; return what the manifest records about it.
 
     ``exporter``: ``"auto"`` (dynamo, falling back to TorchScript), ``"dynamo"`` or ``"torchscript"``.
     The input is ``"input"`` ``(batch, in_channels, *roi_size)``, the output ``"output"``
     ``(batch, num_classes, *roi_size)``; the batch dimension is dynamic. The file passes
-    ``onnx.checker.check_model``.
+    ``onnx.checker.check_model``. ``fixed_batch``: when no exporter manages a dynamic batch, export once more with
+    this fixed batch size (the entry then has ``fixed_batch`` and the reason in ``exporter_note``); None: fail.
     """
     import torch
 
@@ -191,16 +218,23 @@ def export_onnx(model, path, *, in_channels: int, roi_size, num_classes: int | N
         notes = ["the source is (or holds) a TorchScript module, which torch.export (dynamo) cannot trace"]
     else:
         notes = []
-    fns = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
+    fns = {"dynamo": _export_dynamo, "torchscript": _export_torchscript, "torchscript-fixed-batch": _export_fixed}
+    if fixed_batch is not None:
+        if isinstance(fixed_batch, bool) or not isinstance(fixed_batch, int) or fixed_batch < 1:
+            raise ExportError(f"fixed_batch must be a positive integer, got {fixed_batch!r}")
+        order = [*order, "torchscript-fixed-batch"]
     last_exc: Exception | None = None
     for name in order:
         t0 = time.perf_counter()
+        fixed = fixed_batch if name == "torchscript-fixed-batch" else None
+        if fixed is not None:
+            example = torch.zeros((fixed, int(in_channels), *map(int, roi_size)), dtype=torch.float32)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 with torch.no_grad():
                     fns[name](model, example, path, opset)
-            info = _validate(path, in_channels, roi_size, num_classes)
+            info = _validate(path, in_channels, roi_size, num_classes, fixed)
         except Exception as exc:  # noqa: BLE001 - exporters raise anything; we try the next one
             last_exc = exc
             notes.append(f"{name} exporter failed: {type(exc).__name__}: {str(exc)[:300]}")
@@ -209,6 +243,11 @@ def export_onnx(model, path, *, in_channels: int, roi_size, num_classes: int | N
                 path.unlink()
             continue
         info.update({"exporter": name, "export_seconds": round(time.perf_counter() - t0, 3)})
+        if fixed is not None:
+            info["exporter"] = "torchscript"
+            info["fixed_batch"] = fixed
+            notes.append(f"no exporter could keep the batch dimension dynamic; exported with a fixed batch of "
+                         f"{fixed} (the runtime pads a volume's last, partial batch)")
         if notes:
             info["exporter_note"] = "; ".join(notes)
         return info

@@ -52,11 +52,30 @@ class Backend(ABC):
                             max_batch=self.max_batch, threads=self.threads, workspace_bytes=self.workspace_bytes,
                             torch_device=self.torch_device)
 
+    #: the batch size a fixed-batch model takes (None: dynamic); see :meth:`run_fixed_batch`
+    fixed_batch: int | None = None
+
     def __init__(self, in_channels: int, num_classes: int, roi_size: tuple[int, int, int], max_batch: int):
         self.in_channels = int(in_channels)
         self.num_classes = int(num_classes)
         self.roi_size = tuple(int(r) for r in roi_size)
         self.max_batch = int(max_batch)
+
+    def run_fixed_batch(self, batch: np.ndarray, run) -> np.ndarray:
+        """``run`` (``np → np``) on ``batch``, in chunks of exactly :attr:`fixed_batch` windows when the model has a
+        fixed batch: a short chunk is padded with zero windows whose outputs are dropped (each window's output
+        depends on that window alone, so padding changes nothing). Without a fixed batch: ``run(batch)``."""
+        n = self.fixed_batch
+        if n is None or batch.shape[0] == n:
+            return run(batch)
+        outs = []
+        for start in range(0, batch.shape[0], n):
+            chunk = batch[start:start + n]
+            m = chunk.shape[0]
+            if m < n:
+                chunk = np.concatenate([chunk, np.zeros((n - m, *chunk.shape[1:]), dtype=chunk.dtype)])
+            outs.append(run(np.ascontiguousarray(chunk))[:m])
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def check_batch(self, batch: np.ndarray) -> np.ndarray:
         expected = (self.in_channels, *self.roi_size)

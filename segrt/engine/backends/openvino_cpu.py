@@ -68,8 +68,10 @@ class OpenVinoCpuBackend(Backend):
     device = "cpu"
 
     def __init__(self, model_path, in_channels, num_classes, roi_size, max_batch, *, precision: str = "bf16",
-                 input_name="input", output_name="output", threads: int | None = None):
+                 input_name="input", output_name="output", threads: int | None = None,
+                 fixed_batch: int | None = None):
         super().__init__(in_channels, num_classes, roi_size, max_batch)
+        self.fixed_batch = fixed_batch
         if precision not in _OV_TYPES:
             raise BackendUnavailable(f"OpenVINO precision must be 'bf16' or 'f32', got {precision!r}")
         self.precision = precision
@@ -93,7 +95,7 @@ class OpenVinoCpuBackend(Backend):
         if input_name not in names:
             raise BackendUnavailable(f"{model_path}: no input named {input_name!r} (has {names})")
         self._compiled: dict[int, tuple] = {}
-        self._compile(1)  # fail here, not on the first batch, and check the precision really used
+        self._compile(fixed_batch or 1)  # fail here, not on the first batch, and check the precision really used
 
     def _compile(self, batch: int):
         if batch in self._compiled:
@@ -149,20 +151,23 @@ class OpenVinoCpuBackend(Backend):
         return cls(path, spec.in_channels, spec.num_classes, spec.inference.roi_size,
                    spec.inference.sw_batch_size, precision=precision,
                    input_name=source.get("input_name", "input"), output_name=source.get("output_name", "output"),
-                   threads=threads)
+                   threads=threads, fixed_batch=source.get("fixed_batch"))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = self.check_batch(batch)
-        _, request, out = self._compile(int(batch.shape[0]))
-        try:
-            result = request.infer({self.input_name: batch})
-            y = np.array(result[out], dtype=np.float32, copy=True)
-        except Exception as exc:  # noqa: BLE001
-            raise InferenceError(f"{self.name}: OpenVINO failed on a batch of shape {batch.shape}: {exc}") from None
+        y = self.run_fixed_batch(batch, self._run)
         expected = (batch.shape[0], self.num_classes, *self.roi_size)
         if y.shape != expected:
             raise InferenceError(f"{self.name}: model output has shape {y.shape}, expected {expected}")
         return y
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        _, request, out = self._compile(int(batch.shape[0]))
+        try:
+            result = request.infer({self.input_name: batch})
+            return np.array(result[out], dtype=np.float32, copy=True)
+        except Exception as exc:  # noqa: BLE001
+            raise InferenceError(f"{self.name}: OpenVINO failed on a batch of shape {batch.shape}: {exc}") from None
 
     def close(self) -> None:
         self._compiled = {}

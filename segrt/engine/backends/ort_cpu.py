@@ -59,14 +59,18 @@ class OrtSessionBackend(Backend):
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = self.check_batch(batch)
-        try:
-            (out,) = self.session.run([self.output_name], {self.input_name: batch})
-        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own untyped errors
-            raise InferenceError(f"{self.name}: ONNX Runtime failed on a batch of shape {batch.shape}: {exc}") from None
+        out = self.run_fixed_batch(batch, self._run)
         expected = (batch.shape[0], self.num_classes, *self.roi_size)
         if out.shape != expected:
             raise InferenceError(f"{self.name}: model output has shape {out.shape}, expected {expected}")
         return out.astype(np.float32, copy=False)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            (out,) = self.session.run([self.output_name], {self.input_name: batch})
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own untyped errors
+            raise InferenceError(f"{self.name}: ONNX Runtime failed on a batch of shape {batch.shape}: {exc}") from None
+        return out
 
     def close(self) -> None:
         self.session = None
@@ -78,8 +82,10 @@ class OrtCpuBackend(OrtSessionBackend):
     fresh_outputs = True  # infer() returns a new array per call: the stitcher may weight it in place
 
     def __init__(self, model_path, in_channels, num_classes, roi_size, max_batch,
-                 input_name="input", output_name="output", threads: int | None = None):
+                 input_name="input", output_name="output", threads: int | None = None,
+                 fixed_batch: int | None = None):
         super().__init__(in_channels, num_classes, roi_size, max_batch)
+        self.fixed_batch = fixed_batch
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - core dependency
@@ -105,4 +111,4 @@ class OrtCpuBackend(OrtSessionBackend):
         return cls(artifact.model_path(variant, verify=False), spec.in_channels, spec.num_classes,
                    spec.inference.roi_size, spec.inference.sw_batch_size,
                    input_name=entry.get("input_name", "input"), output_name=entry.get("output_name", "output"),
-                   threads=threads)
+                   threads=threads, fixed_batch=entry.get("fixed_batch"))

@@ -67,6 +67,10 @@ class OrtCudaBackend(OrtSessionBackend):
         if entry.get("format", "onnx") != "onnx":
             raise BackendUnavailable(f"ort-cuda runs ONNX models; the artifact's {variant!r} model is "
                                      f"{entry.get('format')!r}")
+        if entry.get("fixed_batch") is not None:
+            raise BackendUnavailable(f"ort-cuda: the artifact's {variant!r} model takes a fixed batch of "
+                                     f"{entry['fixed_batch']}; the device pipeline needs a dynamic batch "
+                                     f"(run it on the CPU: --device cpu)")
         spec = artifact.spec
         return cls(artifact.model_path(variant, verify=False), spec.in_channels, spec.num_classes,
                    spec.inference.roi_size, max_batch or spec.inference.sw_batch_size,
