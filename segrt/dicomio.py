@@ -134,7 +134,7 @@ def _list_files(paths) -> tuple[list[Path], str]:
         if p.is_dir():
             for root, dirs, names in os.walk(p):
                 dirs.sort()
-                files.extend(Path(root) / n for n in sorted(names))
+                files.extend(q for q in (Path(root) / n for n in sorted(names)) if q.is_file())
         elif p.is_file():
             files.append(p)
         else:
@@ -158,11 +158,14 @@ def _scan(paths):
     for f in files:
         try:
             ds = pydicom.dcmread(str(f), stop_before_pixels=True, force=False)
-        except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError):
+        except InvalidDicomError:
             skipped.append(str(f))
             continue
         except OSError as e:
             raise VolumeError(f"cannot read DICOM file {str(f)!r}: {e}") from None
+        except Exception:  # noqa: BLE001 - a DICOM preamble with an unparsable body: not a readable DICOM
+            skipped.append(str(f))
+            continue
         sop = _text(ds, "SOPClassUID") or _text(getattr(ds, "file_meta", {}), "MediaStorageSOPClassUID")
         uid = _text(ds, "SeriesInstanceUID")
         if sop == _DICOMDIR_SOP or "DirectoryRecordSequence" in ds or not uid:
@@ -198,6 +201,9 @@ def _choose(series: dict, skipped: list, label: str, series_uid: str | None):
         if uid not in series:
             valid = "; ".join(info.describe() for info, _ in series.values())
             raise VolumeError(f"series {uid!r} not found in {label}; the series there are: {valid}")
+        if not series[uid][0].is_image:
+            raise VolumeError(f"series {series[uid][0].describe()} is not an image series; expected CT/MR/PT... "
+                              f"image slices")
         return series[uid]
     images = [s for s in series.values() if s[0].is_image]
     if not images:
@@ -325,6 +331,24 @@ def _affine_ras(r, c, pixel_spacing, positions) -> np.ndarray:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
+_MISSING_DECODER_WORDS = ("missing dependencies", "missing required dependencies", "no pixel data handlers",
+                          "no plugins", "requires", "req.", "not installed")
+
+
+def _decode_error(f: str, ts, e: Exception) -> str:
+    """One line for pydicom's failure to decode: a missing decoder gets the install hint, corrupt data says so."""
+    tsname = getattr(ts, "name", None) or str(ts)
+    detail = " ".join(str(e).split()) or type(e).__name__
+    if len(detail) > 300:
+        detail = detail[:297] + "..."
+    compressed = ts is not None and bool(getattr(ts, "is_compressed", False))
+    if compressed and any(w in detail for w in _MISSING_DECODER_WORDS):
+        return (f"cannot decode the pixel data of {f!r}: no decoder for its transfer syntax {tsname} is installed "
+                f"({detail}); {_DECODER_HINT}")
+    return (f"cannot decode the pixel data of {f!r} (transfer syntax {tsname}): {detail}; expected readable "
+            f"{'compressed ' if compressed else ''}pixel data (is the file corrupt?)")
+
+
 def _pixels(pydicom, f: str, rows: int, cols: int) -> tuple[np.ndarray, object]:
     try:
         ds = pydicom.dcmread(f, force=False)
@@ -338,14 +362,7 @@ def _pixels(pydicom, f: str, rows: int, cols: int) -> tuple[np.ndarray, object]:
     try:
         px = ds.pixel_array
     except Exception as e:  # noqa: BLE001 - missing decoder (RuntimeError/NotImplementedError) or corrupt data
-        compressed = ts is not None and getattr(ts, "is_compressed", False)
-        tsname = getattr(ts, "name", str(ts))
-        if compressed:
-            raise VolumeError(f"cannot decode the pixel data of {f!r} (transfer syntax {tsname}): "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                              f"{_DECODER_HINT}") from None
-        raise VolumeError(f"cannot decode the pixel data of {f!r} (transfer syntax {tsname}): "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise VolumeError(_decode_error(f, ts, e)) from None
     if px.shape != (rows, cols):
         raise VolumeError(f"pixel data of {f!r} has shape {tuple(px.shape)}; expected (rows, columns) = "
                           f"({rows}, {cols})")

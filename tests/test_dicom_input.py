@@ -51,6 +51,7 @@ def _dataset(stored_slice_rc: np.ndarray, ipp, r, c, pixel_spacing, *, series_ui
     ds.SeriesDescription = description
     ds.PatientName = "Phantom^Synthetic"
     ds.PatientID = "segrt-test"
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.SeriesNumber = "20240101", "120000", "1", 1
     ds.InstanceNumber = instance
     ds.ImagePositionPatient = [f"{x:.6f}" for x in ipp]
     ds.ImageOrientationPatient = [f"{x:.8f}" for x in (*r, *c)]
@@ -245,6 +246,24 @@ def test_nested_folders_and_non_dicom_files_ignored(tmp_path):
     np.testing.assert_array_equal(img.volume.array[0], stored)
 
 
+def test_dicomdir_file_set(tmp_path):
+    """A DICOM File-set (what a CD holds): the DICOMDIR is skipped, the images under it are read."""
+    from pydicom.fileset import FileSet
+
+    stored = _stored()
+    w = write_series(tmp_path / "src", stored)
+    fs = FileSet()
+    for f in w["files"]:
+        fs.add(f)
+    fs.write(tmp_path / "cd")
+    series = find_series(tmp_path / "cd")
+    assert [Path(p).name for p in series.skipped] == ["DICOMDIR"]
+    assert len(series) == 1 and series[0].uid == w["uid"]
+    img = read_dicom_series(tmp_path / "cd")
+    np.testing.assert_array_equal(img.volume.array[0], stored)
+    _check_geometry(img, (1, 0, 0), (0, 1, 0), (0.8, 0.7), w["positions"])
+
+
 def test_two_series_in_one_folder(tmp_path):
     a, b = _stored(seed=1), _stored((4, 4, 3), seed=2)
     wa = write_series(tmp_path, a, description="AX soft tissue", prefix="A")
@@ -280,6 +299,9 @@ def test_non_image_series_beside_the_images_is_not_a_choice(tmp_path):
     series = find_series(tmp_path)
     assert sorted(s.is_image for s in series) == [False, True]
     assert read_dicom_series(tmp_path).series_uid == w["uid"]
+    sr_uid = next(x.uid for x in series if not x.is_image)
+    with pytest.raises(VolumeError, match="SR.* is not an image series"):
+        read_dicom_series(tmp_path, series_uid=sr_uid)
 
 
 # ---- refusals -----------------------------------------------------------------------------------------------------
@@ -355,6 +377,15 @@ def test_different_pixel_spacing_and_size_refused(tmp_path):
     assert small["files"][0] in str(ei.value)
 
 
+def test_colour_refused(tmp_path):
+    w = write_series(tmp_path, _stored()[:, :, :2])
+    ds = pydicom.dcmread(w["files"][1])
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    _save(ds, Path(w["files"][1]))
+    with pytest.raises(VolumeError, match="colour image"):
+        read_dicom_series(tmp_path)
+
+
 def test_single_slice_refused(tmp_path):
     w = write_series(tmp_path, _stored()[:, :, :1])
     with pytest.raises(VolumeError, match="a single slice is not a 3-D volume"):
@@ -370,16 +401,39 @@ def test_multi_frame_refused(tmp_path):
         read_dicom_series(tmp_path)
 
 
+def _jpeg_lossless_decodable() -> bool:
+    for mod in ("gdcm", "libjpeg"):  # python-gdcm, pylibjpeg-libjpeg: pydicom's JPEG Lossless decoders
+        try:
+            __import__(mod)
+            return True
+        except ImportError:
+            pass
+    return False
+
+
 def test_compressed_without_decoder_is_a_volume_error(tmp_path):
     from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEG2000Lossless
+    from pydicom.uid import JPEGLosslessSV1
 
-    stored = _stored()
-    write_series(tmp_path, stored, transfer_syntax=JPEG2000Lossless,
-                 pixel_data=encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60]))
-    with pytest.raises(VolumeError, match="JPEG 2000.*pip install") as ei:
+    if _jpeg_lossless_decodable():
+        pytest.skip("a JPEG Lossless decoder is installed")
+    write_series(tmp_path, _stored(), transfer_syntax=JPEGLosslessSV1,
+                 pixel_data=encapsulate([b"\xff\xd8" + b"\x00" * 62]))
+    with pytest.raises(VolumeError, match="no decoder for its transfer syntax JPEG Lossless.*pip install pylibjpeg") \
+            as ei:
         read_dicom_series(tmp_path)
     assert "\n" not in str(ei.value)
+
+
+def test_corrupt_compressed_data_is_a_volume_error(tmp_path):
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    write_series(tmp_path, _stored(), transfer_syntax=RLELossless,
+                 pixel_data=encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60]))  # RLE: decoded by pydicom itself
+    with pytest.raises(VolumeError, match="cannot decode the pixel data .*RLE Lossless.*corrupt") as ei:
+        read_dicom_series(tmp_path)
+    assert "\n" not in str(ei.value) and "pip install" not in str(ei.value)
 
 
 def test_no_dicom_and_missing_paths(tmp_path):
