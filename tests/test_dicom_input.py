@@ -475,3 +475,21 @@ def test_matches_simpleitk(tmp_path, case):
     np.testing.assert_allclose(img.volume.affine, LPS_TO_RAS @ lps, atol=1e-4)
     ref_arr = sitk.GetArrayFromImage(ref).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
     np.testing.assert_allclose(img.volume.array[0], ref_arr, atol=1e-4)
+
+
+def test_in_plane_geometry_matches_nibabel_nicom(tmp_path):
+    """nibabel's DICOM wrapper (voxel order (row, column), i.e. ours transposed) gives the same in-plane axes and
+    origin for the first slice; its slice axis lies along the same normal (nibabel points it the other way)."""
+    import warnings
+
+    dw = pytest.importorskip("nibabel.nicom.dicomwrappers")
+    r, c = _oblique_dirs()
+    write_series(tmp_path, _stored(), r=r, c=c, pixel_spacing=(0.9, 1.1), slice_spacing=1.3)
+    img = read_dicom_series(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nib_lps = np.asarray(dw.wrapper_from_data(img.datasets[0]).affine, dtype=float)
+    ours_lps = LPS_TO_RAS @ img.volume.affine
+    np.testing.assert_allclose(nib_lps[:3, [1, 0, 3]], ours_lps[:3, [0, 1, 3]], atol=1e-5)
+    cos = nib_lps[:3, 2] @ ours_lps[:3, 2] / np.linalg.norm(nib_lps[:3, 2]) / np.linalg.norm(ours_lps[:3, 2])
+    assert abs(cos) == pytest.approx(1.0, abs=1e-6)
