@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     e = sub.add_parser("export", help="export a MONAI bundle / TorchScript / ONNX model to an artifact")
-    e.add_argument("source", help="MONAI bundle directory, TorchScript file, or ONNX file (the latter two need --spec)")
+    e.add_argument("source", help="MONAI bundle directory, TorchScript file, state dict (.pt/.pth, with "
+                                  "'network': {'class': 'module:Class', 'kwargs': {...}} in the spec) or ONNX file "
+                                  "(all but the bundle need --spec)")
     e.add_argument("-o", "--output", required=True, help="artifact directory to write")
     e.add_argument("--random-init", action="store_true",
                    help="export with random weights when the bundle has none (recorded in the manifest)")

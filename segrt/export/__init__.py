@@ -40,19 +40,31 @@ MODEL_FP32 = "model_fp32.onnx"
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-def _read_spec(spec) -> Spec | None:
+def _read_spec(spec) -> tuple[Spec | None, dict | None, Path | None]:
+    """The spec, its ``"network"`` section (validated; not part of the artifact's spec) and the folder the
+    section's relative paths start from."""
     if spec is None or isinstance(spec, Spec):
-        return spec
-    if isinstance(spec, dict):
-        return Spec.from_dict(spec)
+        return spec, None, None
+    base = None
     if isinstance(spec, (str, os.PathLike)):
         p = Path(spec)
         if not p.is_file():
             raise SpecError(f"spec file {str(p)!r} does not exist")
         try:
-            return Spec.from_dict(json.loads(p.read_text()))
+            spec = json.loads(p.read_text())
         except json.JSONDecodeError as exc:
             raise SpecError(f"spec file {str(p)!r} is not valid JSON: {exc}") from None
+        base = p.resolve().parent
+        if not isinstance(spec, dict):
+            raise SpecError(f"spec file {str(p)!r} must hold a JSON object, got {type(spec).__name__}")
+    if isinstance(spec, dict):
+        network = None
+        if "network" in spec:
+            from segrt.export.network import check_network_section
+
+            spec = dict(spec)
+            network = check_network_section(spec.pop("network"))
+        return Spec.from_dict(spec), network, base
     raise SpecError(f"spec must be a path, a dict or a Spec, got {type(spec).__name__}")
 
 
@@ -126,15 +138,32 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _detect_kind(src: Path) -> str:
+def _detect_kind(src: Path, network: dict | None = None) -> str:
     if not src.exists():
         raise ExportError(f"export source {str(src)!r} does not exist (expected a MONAI bundle directory, "
-                          f"a TorchScript file or an ONNX file)")
+                          f"a TorchScript file, a state dict with a spec naming its network class, or an ONNX "
+                          f"file)")
     if src.is_dir():
+        if network is not None:
+            raise ExportError(f"the spec names a network class, but the source {str(src)!r} is a folder; a "
+                              f"'network' section goes with a state-dict file (.pt / .pth)")
         return "bundle"
     if src.suffix.lower() == ".onnx":
+        if network is not None:
+            raise ExportError(f"the spec names a network class, but the source {str(src)!r} is an ONNX file, "
+                              f"which carries its own network; remove the spec's 'network' section")
         return "onnx"
-    return "torchscript"
+    return "state_dict" if network is not None else "torchscript"
+
+
+def _is_module(source) -> bool:
+    if isinstance(source, (str, os.PathLike)):
+        return False
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - an object that is not a path needs torch anyway
+        return False
+    return isinstance(source, torch.nn.Module)
 
 
 def _load_torchscript(src: Path):
@@ -144,8 +173,9 @@ def _load_torchscript(src: Path):
         model = torch.jit.load(str(src), map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError and others
         raise ExportError(f"{str(src)!r} is not a TorchScript module loadable with torch.jit.load "
-                          f"({type(exc).__name__}: {str(exc)[:200]}); a plain state dict needs its "
-                          f"bundle directory instead") from exc
+                          f"({type(exc).__name__}: {str(exc)[:200]}); a plain state dict needs its network "
+                          f"class: add \"network\": {{\"class\": \"module:Class\", \"kwargs\": {{...}}}} to "
+                          f"the spec (or export its MONAI bundle directory)") from exc
     return model.eval()
 
 
@@ -363,7 +393,9 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
     """Export ``source`` to the artifact directory ``out_dir`` and return its path.
 
     ``source`` is a MONAI bundle directory, a TorchScript file (``torch.jit.load``-able; needs
-    ``spec``) or an ONNX file (needs ``spec``). ``spec`` (path to JSON, dict or :class:`Spec`)
+    ``spec``), a state dict (``.pt``/``.pth``; needs a ``spec`` with a ``"network"`` section naming the class,
+    :mod:`segrt.export.network`), an in-memory ``torch.nn.Module`` (needs ``spec``) or an ONNX file (needs
+    ``spec``). ``spec`` (path to JSON, dict or :class:`Spec`)
     replaces the spec derived from a bundle. ``random_init`` lets a bundle without its weights file
     export with (seeded) random weights - a warning is issued and the manifest records it.
     ``overrides`` are bundle config overrides (id → value). The fp32 model is checked by the accuracy
@@ -398,13 +430,16 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
     cpu_variants = (cpu_variants,) if isinstance(cpu_variants, str) else tuple(cpu_variants or ())
     if any(v not in ("openvino-bf16",) for v in cpu_variants):
         raise ExportError(f"cpu_variants may hold 'openvino-bf16', got {list(cpu_variants)}")
-    src = Path(source)
+    user_spec, network, spec_dir = _read_spec(spec)
+    module_source = _is_module(source)
+    src = Path(f"<{type(source).__name__}>") if module_source else Path(source)
     out = Path(out_dir).absolute()
-    kind = _detect_kind(src)
+    if module_source and network is not None:
+        raise ExportError("the source is an nn.Module already; remove the spec's 'network' section")
+    kind = "module" if module_source else _detect_kind(src, network)
     if torch_program and kind == "onnx":
         raise ExportError("torch_program needs a torch source (a bundle or a TorchScript file); an ONNX "
                           "source has no torch network to save")
-    user_spec = _read_spec(spec)
     if kind != "bundle" and user_spec is None:
         raise ExportError(f"a {kind} source ({str(src)!r}) carries no preprocessing/inference settings; "
                           f"pass a spec (--spec spec.json)")
@@ -413,11 +448,12 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
     if kind != "bundle" and random_init:
         raise ExportError(f"random_init applies to bundles without their weights file only; a {kind} "
                           f"source carries its own weights")
-    check_output_dir(out, sources=[src], what="artifact directory")
+    check_output_dir(out, sources=[] if module_source else [src], what="artifact directory")
     _check_out_dir(out, force)
 
     t_start = time.perf_counter()
-    source_info: dict = {"kind": kind, "path": str(src.resolve()), "name": src.name if kind == "bundle"
+    source_info: dict = {"kind": kind, "path": None if module_source else str(src.resolve()),
+                         "name": type(source).__name__ if module_source else src.name if kind == "bundle"
                          else src.stem, "overrides": _jsonable(overrides or {}), "bundle_version": None}
     model = None
     if kind == "bundle":
@@ -431,6 +467,20 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
     elif kind == "torchscript":
         model = _load_torchscript(src)
         weights = {"random_init": False, "path": str(src.resolve()), "sha256": sha256_file(src)}
+        the_spec = user_spec
+        source_info["spec_from"] = "user"
+    elif kind == "state_dict":
+        from segrt.export.network import load_network
+
+        model, source_info["network"] = load_network(src, network, spec_dir)
+        source_info["network"]["kwargs"] = _jsonable(source_info["network"]["kwargs"])
+        weights = {"random_init": False, "path": str(src.resolve()), "sha256": sha256_file(src)}
+        the_spec = user_spec
+        source_info["spec_from"] = "user"
+    elif kind == "module":
+        model = source.eval()
+        weights = {"random_init": False, "path": None, "sha256": None,
+                   "note": "an in-memory torch.nn.Module passed to segrt.export"}
         the_spec = user_spec
         source_info["spec_from"] = "user"
     else:
