@@ -36,6 +36,10 @@ leaves a partial file. With ``class_names`` the label map also carries 3D Slicer
 segmentation (name it ``*.seg.nrrd``); other readers ignore these key/value pairs.
 
 pynrrd is an optional dependency (``pip install 'segrt[nrrd]'``), imported only when an NRRD is read or written.
+
+Size: over 400 lines because the reader's axis and geometry checks (each refusal with its own message) and the two
+atomic writers with the Slicer segment fields share the one space conversion; the dispatch by format is in
+imageio.py.
 """
 
 from __future__ import annotations
