@@ -74,6 +74,47 @@ class Segmentation:
             out[self.class_names.get(label, f"class_{label}")] = float(n) * vv
         return out
 
+    def _image(self) -> np.ndarray | None:
+        """The input's first channel on the labels' grid (its stored dtype), or None."""
+        arr = getattr(self.source, "array", None)
+        if isinstance(arr, np.ndarray) and arr.ndim == 4 and arr.shape[1:] == self.labels.shape:
+            return arr[0]
+        return None
+
+    def statistics(self, include_background: bool = False) -> list[dict]:
+        """Per-structure statistics (:func:`segrt.stats.label_statistics`) with the input's first channel as the
+        intensities when the input image is at hand."""
+        from segrt.stats import label_statistics
+
+        return label_statistics(self.labels, self.affine, self._image(), self.class_names, include_background)
+
+    def select(self, keep) -> "Segmentation":
+        """A new Segmentation with only the classes ``keep`` (names or label numbers,
+        :func:`segrt.stats.select_labels`); the other voxels become 0. Probabilities, if any, are kept as they are."""
+        import dataclasses
+
+        from segrt.stats import select_labels
+
+        labels, names = select_labels(self.labels, self.class_names, keep)
+        return dataclasses.replace(self, labels=labels, class_names=names, timings=dict(self.timings),
+                                   metadata=dict(self.metadata))
+
+    def write_statistics(self, path: str | os.PathLike, include_background: bool = False) -> Path:
+        """Write :meth:`statistics` as .json or .csv (:func:`segrt.stats.write_statistics`); the path is checked
+        first (never the input, a known extension, a writable directory)."""
+        from segrt.stats import write_statistics
+
+        check_output_file(path, inputs=[_source_path(self.source)], exts=(".json", ".csv"), what="statistics file")
+        return write_statistics(self.statistics(include_background), path)
+
+    def write_preview(self, path: str | os.PathLike, title: str | None = None) -> Path:
+        """Write a PNG of three orthogonal slices with the labels over the input (:func:`segrt.preview.write_preview`,
+        needs matplotlib)."""
+        from segrt.preview import write_preview
+
+        check_output_file(path, inputs=[_source_path(self.source)], exts=(".png",), what="preview")
+        return write_preview(self.labels, self.affine, self._image(), path, self.class_names, title=title)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the labels as NIfTI on the input grid (atomic: temporary name, then rename). The input image's own
         file is refused as the output."""
