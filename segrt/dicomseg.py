@@ -24,8 +24,10 @@ Segmentation types (``seg_type``):
   do; older PACS do not).
 
 Speed. highdicom builds a BINARY SEG from a label map by comparing every slice with every segment and by writing
-one pydicom dataset per frame: 105 classes on a 512 x 512 x 400 series (about 4,500 non-empty frames) take about
-7 s on 2 cores, two thirds of it in these two loops (benchmarks/results/dicomseg_cpu_*.json). The fast path
+one pydicom dataset per frame: 104 organs on a 512 x 512 x 400 series (2,695 non-empty frames) take 5.6 s on a
+2-core Xeon, most of it in these two loops; the fast path below takes 1.1 s (1.9 s for the first call of a
+process, which imports highdicom), LABELMAP 1.1 s (benchmarks/bench_dicomseg.py,
+benchmarks/results/dicomseg_cpu_2026-12-02.json). The fast path
 (``fast=True``, the default) lets highdicom build everything but the frames - the header, the shared functional
 groups, one per-frame item per non-empty source slice (for a two-segment stand-in label map holding one pixel on
 exactly the non-empty slices, so that the plane indices, the dimension organisation and the source references are
@@ -33,7 +35,9 @@ those highdicom would write) - then writes the frames itself: the per-frame item
 and copied per segment with its two segment fields (ReferencedSegmentNumber, the segment's DimensionIndexValues
 entry; both fixed-length) patched, and each frame is ``packbits`` of ``slice == class`` computed only where the
 class is present (a per-slice histogram says where). The result equals highdicom's own element for element
-(tests/test_dicomseg.py compares them); ``fast=False`` is highdicom alone. LABELMAP is highdicom alone.
+(tests/test_dicomseg.py compares them); ``fast=False`` is highdicom alone, and so is a source series the fast
+path does not recognise (frames without a source reference, repeated SOP Instance UIDs, an unexpected per-frame
+layout), and a single segment. LABELMAP is highdicom alone.
 
 Writing is atomic: the object is written under a hidden temporary name in the output's folder and renamed into
 place; on any failure that file is removed and nothing is left.
@@ -226,8 +230,10 @@ def write_dicom_seg(labels, source_datasets, path, class_names: Mapping[int, str
     names = {k: _text(class_names.get(k, f"label_{k}") if class_names else f"label_{k}") for k in present}
 
     category = hd.sr.CodedConcept(*ANATOMICAL_STRUCTURE)
+    from pydicom.sr.codedict import codes
+
     algo = hd.AlgorithmIdentificationSequence(name=_text(algorithm_name), version=_text(str(algorithm_version)),
-                                              family=pydicom.sr.codedict.codes.cid7162.ArtificialIntelligence)
+                                              family=codes.cid7162.ArtificialIntelligence)
     numbers = present if st == "labelmap" else list(range(1, len(present) + 1))
     descriptions = [
         hd.seg.SegmentDescription(
@@ -252,9 +258,15 @@ def write_dicom_seg(labels, source_datasets, path, class_names: Mapping[int, str
             dataset = hd.seg.Segmentation(pixel_array=zyx, segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP,
                                           segment_descriptions=descriptions, **common)
             tail = None
-        elif fast and len(present) > 1:
-            dataset, tail = _fast_frames(hd, zyx, by_slice, present, descriptions, seg_type_value, common, srcs)
         else:
+            dataset = tail = None
+            if fast and len(present) > 1:
+                try:
+                    dataset, tail = _fast_frames(hd, zyx, by_slice, present, descriptions, seg_type_value, common,
+                                                 srcs)
+                except _NotRecognised:
+                    dataset = tail = None
+        if dataset is None:
             lut = np.zeros(max(int(zyx.max()), max(present)) + 1, dtype=np.uint16 if len(present) > 255
                            else np.uint8)
             lut[present] = np.arange(1, len(present) + 1)
@@ -300,6 +312,10 @@ class _Tail:
             f.write(b"\x00")
 
 
+class _NotRecognised(Exception):
+    """The stand-in SEG is not laid out as the fast path expects: highdicom alone writes this one."""
+
+
 def _encode_item(pydicom, item) -> bytes:
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
@@ -325,16 +341,23 @@ def _fast_frames(hd, zyx, by_slice, present, descriptions, seg_type_value, commo
     dataset = hd.seg.Segmentation(pixel_array=stand_in, segmentation_type=seg_type_value,
                                   segment_descriptions=descriptions[:2], **common)
     del stand_in
-    pffg = dataset.PerFrameFunctionalGroupsSequence
+    pffg = dataset.get("PerFrameFunctionalGroupsSequence") or []
     if len(pffg) != len(planes) or int(dataset.NumberOfFrames) != len(planes):
-        raise ValueError(f"highdicom wrote {len(pffg)} frames for the {len(planes)} non-empty slices")
+        raise _NotRecognised(f"{len(pffg)} frames for {len(planes)} non-empty slices")
     uid_to_z = {str(ds.SOPInstanceUID): z for z, ds in enumerate(srcs)}
+    if len(uid_to_z) != len(srcs):
+        raise _NotRecognised("repeated SOPInstanceUID")
     order = []  # source slice of each stand-in frame, in highdicom's frame order
-    for item in pffg:
-        ref = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-        order.append(uid_to_z[str(ref)])
-    pointers = [int(d.DimensionIndexPointer) for d in dataset.DimensionIndexSequence]
-    seg_dim = pointers.index(0x0062000B)
+    try:
+        for item in pffg:
+            ref = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+            order.append(uid_to_z[str(ref)])
+        pointers = [int(d.DimensionIndexPointer) for d in dataset.DimensionIndexSequence]
+        seg_dim = pointers.index(0x0062000B)
+    except (AttributeError, IndexError, KeyError, ValueError) as exc:
+        raise _NotRecognised(str(exc)) from None
+    if sorted(order) != planes.tolist():
+        raise _NotRecognised("frames do not reference the non-empty slices")
 
     templates = []
     for item in pffg:
@@ -342,10 +365,10 @@ def _fast_frames(hd, zyx, by_slice, present, descriptions, seg_type_value, commo
         i = b.find(_REF_SEGMENT_NUMBER)
         j = b.find(_DIMENSION_INDEX_VALUES)
         if i < 0 or j < 0 or b.find(_REF_SEGMENT_NUMBER, i + 1) >= 0 or b.find(_DIMENSION_INDEX_VALUES, j + 1) >= 0:
-            raise ValueError("unexpected per-frame functional group layout")
+            raise _NotRecognised("unexpected per-frame functional group layout")
         (n_dim,) = struct.unpack_from("<H", b, j + 6)
         if n_dim != 4 * len(pointers):
-            raise ValueError("unexpected DimensionIndexValues length")
+            raise _NotRecognised("unexpected DimensionIndexValues length")
         templates.append((bytearray(b), i + 8, j + 8 + 4 * seg_dim))
 
     frame_list = []  # (segment number, class value, slice z, template index), segment-major as highdicom

@@ -325,3 +325,26 @@ def test_names_are_sanitised(tmp_path):
     names = {1: "a\\b", 2: "x" * 80, 3: "tab\there"}
     ds = pydicom.dcmread(str(write_dicom_seg(labels, srcs, tmp_path / "n.dcm", names, labels_subset=[1, 2, 3])))
     assert [i.SegmentLabel for i in ds.SegmentSequence] == ["a/b", "x" * 64, "tab here"]
+
+
+def test_unrecognised_layout_falls_back_to_highdicom(tmp_path, monkeypatch):
+    srcs, labels = make_series(orient=OBLIQUE), make_labels()
+    calls = []
+
+    def not_recognised(*_a, **_k):
+        calls.append(1)
+        raise dicomseg._NotRecognised("test")
+
+    monkeypatch.setattr(dicomseg, "_fast_frames", not_recognised)
+    out = write_dicom_seg(labels, srcs, tmp_path / "seg.dcm", NAMES)
+    assert calls == [1]
+    _check_read_back(out, labels, srcs, NAMES, [1, 2, 3, 5, 6])
+
+
+def test_many_classes_uint16(tmp_path):
+    srcs = make_series(16, 16, 4)
+    labels = np.arange(1, 16 * 16 * 4 + 1, dtype=np.uint16).reshape(16, 16, 4) % 300  # 0..299, 299 classes
+    names = {k: f"c{k}" for k in range(1, 300)}
+    out = write_dicom_seg(labels, srcs, tmp_path / "many.dcm", names)
+    ds = _check_read_back(out, labels, srcs, names, list(range(1, 300)))
+    assert len(ds.SegmentSequence) == 299
