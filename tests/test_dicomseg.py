@@ -348,3 +348,19 @@ def test_many_classes_uint16(tmp_path):
     out = write_dicom_seg(labels, srcs, tmp_path / "many.dcm", names)
     ds = _check_read_back(out, labels, srcs, names, list(range(1, 300)))
     assert len(ds.SegmentSequence) == 299
+
+
+def test_with_dicomio_reader(tmp_path):
+    """The series read by segrt.dicomio (headers only, sorted along the normal) is a valid source as it comes."""
+    dicomio = pytest.importorskip("segrt.dicomio")
+    srcs = make_series(orient=OBLIQUE, descending=True)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for i in np.random.default_rng(0).permutation(len(srcs)):
+        pydicom.dcmwrite(str(folder / f"im{i:03d}.dcm"), srcs[i], enforce_file_format=True)
+    img = dicomio.read_dicom_series(folder)
+    uid_to_z = {s.SOPInstanceUID: z for z, s in enumerate(srcs)}
+    labels = make_labels()[:, :, [uid_to_z[ds.SOPInstanceUID] for ds in img.datasets]]  # the reader's order
+    assert labels.shape == img.volume.array.shape[1:]
+    out = write_dicom_seg(labels, img.datasets, tmp_path / "seg.dcm", NAMES)
+    _check_read_back(out, labels, img.datasets, NAMES, [1, 2, 3, 5, 6])
