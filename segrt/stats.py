@@ -412,7 +412,9 @@ def _resolve(keep, labels, class_names: dict[int, str]) -> list[int]:
         by_name.setdefault(str(v).lower(), int(k))
     valid = [class_names[k] for k in sorted(class_names)]
     out = []
-    for item in ([keep] if isinstance(keep, (str, int, np.integer)) else list(keep)):
+    if isinstance(keep, str):
+        keep = parse_label_list(keep)  # "liver,spleen"
+    for item in ([keep] if isinstance(keep, (int, np.integer)) else list(keep)):
         if isinstance(item, (bool, np.bool_)):
             raise UsageError(f"expected a class name or label number, received {item!r}")
         if isinstance(item, (int, np.integer)):

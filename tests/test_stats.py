@@ -205,6 +205,7 @@ def test_select_labels(phantom):
     out, names = select_labels(lab, NAMES, parse_label_list(" spleen , 7"))  # 7: unnamed but present
     np.testing.assert_array_equal(out, np.where(np.isin(lab, [2, 7]), lab, 0))
     assert names == {0: "background", 2: "spleen"}
+    np.testing.assert_array_equal(select_labels(lab, NAMES, "Spleen,7")[0], out)  # one comma-separated string
     out, _ = select_labels(lab, NAMES, "pancreas")  # named and absent: allowed, nothing left
     assert not out.any()
     with pytest.raises(UsageError, match=r"did you mean 'liver'\?.*Valid names: background, liver, spleen"):
