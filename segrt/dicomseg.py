@@ -41,6 +41,9 @@ layout), and a single segment. LABELMAP is highdicom alone.
 
 Writing is atomic: the object is written under a hidden temporary name in the output's folder and renamed into
 place; on any failure that file is removed and nothing is left.
+
+Size: over 400 lines because the fast path's frame encoding and its checks against highdicom's own layout (with
+the fallback to highdicom alone) belong with the writer they replace a part of.
 """
 
 from __future__ import annotations
