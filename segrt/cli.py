@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 
 from segrt.errors import SegrtError
 from segrt.report import format_info, print_timings
@@ -93,9 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--override", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
                    help="bundle config override, e.g. displayable_configs#highres=false (repeatable)")
     e.add_argument("--force", action="store_true", help="replace an existing artifact directory")
-    e.add_argument("--cpu-variant", action="append", default=[], choices=["openvino-bf16"],
-                   help="also gate a faster CPU variant (OpenVINO bf16); 'segrt run' on the CPU uses it only if it "
-                        "passed its accuracy gate (per-class Dice >= 0.98 vs fp32)")
+    e.add_argument("--cpu-variant", action="append", default=None, choices=["openvino-bf16", "openvino-int8"],
+                   help="faster CPU variants to build and gate (repeatable; default: OpenVINO bf16 where the CPU "
+                        "has native bf16); 'segrt run' uses the fastest that passed its accuracy gate (per-class "
+                        "Dice >= 0.98 vs fp32)")
+    e.add_argument("--int8", action="store_true",
+                   help="also build the int8 CPU variant (static quantization, OpenVINO), gated like the others; "
+                        "give it --calibration scans")
+    e.add_argument("--no-cpu-variants", action="store_true", help="build no reduced-precision CPU variant")
+    e.add_argument("--calibration", default=None, metavar="DIR",
+                   help="folder of your own scans (NIfTI / NRRD / DICOM series folders): their windows gate the "
+                        "CPU variants and calibrate int8")
     e.add_argument("--fp16", action="store_true",
                    help="also write an fp16 ONNX (normalisation layers kept fp32), gated against fp32")
     e.add_argument("--torch-program", action="store_true",
@@ -115,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["auto", "cpu", "ort-cpu", "openvino", "cuda", "tensorrt", "ort-cuda", "torch-cuda"],
                    help="where to run (default: auto = TensorRT → ORT-CUDA → torch-CUDA (with --trust-torch-program) → the "
                         "CPU: a gated OpenVINO bf16 variant, else ORT fp32)")
-    r.add_argument("--variant", default=None, choices=["fp32", "fp16", "openvino-bf16"],
+    r.add_argument("--variant", default=None, choices=["fp32", "fp16", "openvino-bf16", "openvino-int8"],
                    help="model precision (default: fp16 on a GPU when the artifact has it, fp32 on the CPU)")
     r.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads (default: physical cores; more than the CPUs usable are reduced to that, "
@@ -158,11 +167,25 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_export(a) -> int:
     from segrt.export import export
 
+    from segrt.errors import UsageError
+    from segrt.export.cpu_variants import auto_cpu_variants
+
     variants = ("fp32", "fp16") if a.fp16 else ("fp32",)
+    if a.no_cpu_variants and (a.cpu_variant or a.int8):
+        raise UsageError("--no-cpu-variants contradicts --cpu-variant / --int8")
+    cpu = () if a.no_cpu_variants else tuple(a.cpu_variant) if a.cpu_variant else auto_cpu_variants()
+    if a.int8 and "openvino-int8" not in cpu:
+        cpu = (*cpu, "openvino-int8")
+    t0 = time.perf_counter()
+
+    def progress(msg):
+        if not getattr(a, "quiet", False):
+            print(f"  [{time.perf_counter() - t0:5.1f} s] {msg}", file=sys.stderr, flush=True)
+
     out = export(a.source, a.output, spec=a.spec, random_init=a.random_init,
                  overrides=dict(a.override) or None, force=a.force, variants=variants,
                  torch_program=a.torch_program, tensorrt=a.tensorrt, trt_timing_cache=a.trt_timing_cache,
-                 cpu_variants=tuple(a.cpu_variant))
+                 cpu_variants=cpu, calibration=a.calibration, progress=progress)
     from segrt.artifact import Artifact
 
     art = Artifact.load(out)
@@ -171,14 +194,27 @@ def cmd_export(a) -> int:
               file=sys.stderr)
     print(f"wrote artifact {out}")
     for variant, gate in art.manifest.get("gate", {}).items():
-        parts = [gate] + [gate[k] for k in ("random", "ct_like") if isinstance(gate.get(k), dict)]
+        parts = [gate] + [gate[k] for k in ("random", "ct_like", "calibration") if isinstance(gate.get(k), dict)]
+        names = {id(gate.get("random")): "random", id(gate.get("ct_like")): "CT-like",
+                 id(gate.get("calibration")): "your scans"}
         for g in parts:
-            label = variant if g is gate else f"{variant} ({'random' if g is gate.get('random') else 'CT-like'})"
+            label = variant if g is gate else f"{variant} ({names[id(g)]})"
             if "max_abs_logit_diff" not in g:
                 continue
+            extra = ""
+            if g is gate and isinstance(gate.get("worst_class_dice"), float):
+                extra += f"  worst class Dice {gate['worst_class_dice']:.4f}"
+            if g is gate and gate.get("seconds_per_window") and gate.get("fp32_seconds_per_window"):
+                extra += f"  {gate['fp32_seconds_per_window'] / gate['seconds_per_window']:.1f}x fp32 speed"
             print(f"  gate {label}: {'passed' if gate.get('passed') else 'FAILED'}  "
                   f"max |Δlogit| {g.get('max_abs_logit_diff', float('nan')):.2e}  "
-                  f"argmax agreement {g.get('argmax_agreement', float('nan')):.6f}")
+                  f"argmax agreement {g.get('argmax_agreement', float('nan')):.6f}{extra}")
+        if not gate.get("passed") and gate.get("reason"):
+            print(f"    ({gate['reason']})")
+    from segrt.engine.backends import cpu_variants_by_speed
+
+    usable = [v for v in cpu_variants_by_speed(art) if art.manifest["gate"].get(v, {}).get("passed")]
+    print(f"  'segrt run' on the CPU will use: {usable[0] if usable else 'fp32 (ONNX Runtime)'}")
     return 0
 
 

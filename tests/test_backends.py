@@ -609,7 +609,7 @@ def test_gpu_real_tensorrt(tmp_path):
 
 def test_select_backend_devices_are_listed():
     assert bk.DEVICES == ("auto", "cpu", "cuda", "tensorrt", "ort-cuda", "torch-cuda", "ort-cpu", "openvino")
-    assert bk.CPU_ORDER == ("openvino-bf16",)
+    assert bk.CPU_ORDER == ("openvino-int8", "openvino-bf16")
     assert bk.GPU_ORDER == ("tensorrt", "ort-cuda", "torch-cuda")
 
 

@@ -389,7 +389,7 @@ def _extra_variants(tmp: Path, model, spec: Spec, fp32_entry: dict, models: dict
 def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: dict | None = None,
            gate_samples: int = 2, force: bool = False, opset: int | None = None, exporter: str = "auto",
            seed: int = 0, variants=("fp32",), torch_program: bool = False, tensorrt: bool = False,
-           trt_timing_cache=None, cpu_variants=()) -> Path:
+           trt_timing_cache=None, cpu_variants=(), calibration=None, progress=None) -> Path:
     """Export ``source`` to the artifact directory ``out_dir`` and return its path.
 
     ``source`` is a MONAI bundle directory, a TorchScript file (``torch.jit.load``-able; needs
@@ -414,9 +414,13 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
     builds a TensorRT plan for this machine's GPU (``models["tensorrt"]``,
     :mod:`segrt.export.tensorrt`; needs TensorRT >= 10 and a GPU), with its timing cache at
     ``trt_timing_cache`` (default ``~/.cache/segrt/tensorrt_timing.cache``).
-    ``cpu_variants=("openvino-bf16",)`` records reduced-precision CPU variants, each gated against ONNX
-    Runtime fp32 (per-class Dice on CT-like patches, :mod:`segrt.export.cpu_variants`); a variant that fails
-    its gate is recorded with the reason and refused at run time.
+    ``cpu_variants=("openvino-bf16", "openvino-int8")`` records reduced-precision CPU variants, each gated against
+    ONNX Runtime fp32 (per-class Dice on CT-like patches and on ``calibration`` windows,
+    :mod:`segrt.export.cpu_variants`); ``"auto"``: those this machine runs fast (bf16 where the CPU has native
+    bf16; what ``segrt export`` does by default). A variant that fails its gate is recorded with the reason and
+    refused at run time. ``calibration``: a folder (or list) of the user's own scans whose windows, after the spec's
+    preprocessing, gate the CPU variants and calibrate int8 (:mod:`segrt.export.calibration`).
+    ``progress``: a callable taking one line per export step (the CLI prints them).
     """
     from segrt.export.onnx import DEFAULT_OPSET, export_onnx
     from segrt.export.gate import gate_seed, run_gate
@@ -427,9 +431,19 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
     variants = tuple(variants)
     if "fp32" not in variants or any(v not in ("fp32", "fp16") for v in variants):
         raise ExportError(f"variants must include 'fp32' and may add 'fp16', got {list(variants)}")
+    from segrt.export.cpu_variants import CPU_VARIANTS, auto_cpu_variants
+
+    if cpu_variants == "auto":
+        cpu_variants = auto_cpu_variants()
     cpu_variants = (cpu_variants,) if isinstance(cpu_variants, str) else tuple(cpu_variants or ())
-    if any(v not in ("openvino-bf16",) for v in cpu_variants):
-        raise ExportError(f"cpu_variants may hold 'openvino-bf16', got {list(cpu_variants)}")
+    if any(v not in CPU_VARIANTS for v in cpu_variants):
+        raise ExportError(f"cpu_variants may hold {', '.join(map(repr, CPU_VARIANTS))} or be 'auto', got "
+                          f"{list(cpu_variants)}")
+    if calibration is not None:
+        from segrt.export.calibration import calibration_scans
+
+        calibration_scans(calibration)  # a missing or empty folder fails before any work
+    say = progress or (lambda msg: None)
     user_spec, network, spec_dir = _read_spec(spec)
     module_source = _is_module(source)
     src = Path(f"<{type(source).__name__}>") if module_source else Path(source)
@@ -508,12 +522,14 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
                 n = picked["outputs_seen"][picked["output_index"]][0]  # 1, or a baked-in batch
                 example = torch.zeros((n, the_spec.in_channels, *the_spec.inference.roi_size))
                 model = _select_output(model, picked["output_index"], example)
+            say("exporting the network to ONNX")
             entry = export_onnx(model, tmp / MODEL_FP32, in_channels=the_spec.in_channels,
                                 roi_size=the_spec.inference.roi_size, num_classes=the_spec.num_classes,
                                 opset=opset, exporter=exporter, fixed_batch=the_spec.inference.sw_batch_size)
             digest = sha256_file(tmp / MODEL_FP32)
             entry = {"path": MODEL_FP32, "sha256": digest, "format": "onnx", **entry, **picked}
             entry.pop("external_data", None)
+            say("gating the fp32 ONNX against torch")
             report = run_gate(model, tmp / MODEL_FP32, in_channels=the_spec.in_channels,
                               roi_size=the_spec.inference.roi_size, num_classes=the_spec.num_classes,
                               samples=int(gate_samples), seed=gate_seed("fp32", digest),
@@ -531,7 +547,7 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
             from segrt.export.cpu_variants import add_cpu_variants
 
             add_cpu_variants(tmp, the_spec, entry, models, gates, tuple(cpu_variants), samples=int(gate_samples),
-                             seed=gate_seed("cpu", entry["sha256"]))
+                             seed=gate_seed("cpu", entry["sha256"]), calibration=calibration, progress=say)
         manifest = {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

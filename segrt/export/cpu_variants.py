@@ -11,17 +11,23 @@ Variants:
   ``INFERENCE_PRECISION_HINT="bf16"`` (:mod:`segrt.engine.backends.openvino_cpu`). Gated only on a CPU
   that computes bf16 natively - elsewhere OpenVINO would run f32 and the gate would measure nothing.
 
-(int8 static QDQ was measured too, by ``python benchmarks/bench_runtimes.py``; results in
-``benchmarks/results/cpu_runtimes_2026-11-26.json``. OpenVINO running the QDQ model was the fastest runtime, ahead
-of bf16, on the full wholeBody SegResNet (``runtimes.*.speedup_vs_ort_fp32``) and passed this gate on the trained
-demo network (``demo_trained_network``), but on the random-weight wholeBody network it disagreed with fp32 on a
-large share of voxels (``runtimes.openvino-int8.accuracy_vs_ort_fp32``): its accuracy depends on calibration data
-representative of real scans, which phantoms are not, and ORT's calibrator keeps every calibration patch's
-intermediate results, so few full-size patches fit in memory (see ``--calib`` in ``benchmarks/bench_runtimes.py``;
-the memory peak is not in a committed result). It is not offered yet.)
+* ``"openvino-int8"``: ``model_int8.onnx``, the fp32 ONNX statically quantized to int8 QDQ
+  (:mod:`segrt.export.int8`: per-channel weights, norms and the head kept in float) calibrated on the calibration
+  windows, run by OpenVINO's CPU plugin (int8 kernels between the QDQ pairs, f32 elsewhere). Built only when asked
+  (``--int8``): its accuracy depends on calibration data representative of real scans, so give it
+  ``--calibration DIR`` (on the random-weight wholeBody network, phantom-calibrated int8 disagreed with fp32 on a
+  large share of voxels: ``benchmarks/results/cpu_runtimes_2026-11-26.json``).
+
+``segrt export`` (the CLI) builds the installed variants by default (``cpu_variants="auto"``: bf16 where the CPU has
+native bf16); the Python API builds only those asked for. The gate records how long each variant and ONNX Runtime
+fp32 took per window on the export machine (``seconds_per_window`` / ``fp32_seconds_per_window``, medians); the
+runtime picks the fastest variant that passed (:func:`segrt.engine.backends.select_backend`).
 
 The gate (reference: ONNX Runtime fp32 on ``model_fp32.onnx``, i.e. the fp32 segrt result; ``samples``
-batches of ``batch`` CT-like phantom patches after the spec's intensity ops, :func:`ct_like_patches`):
+batches of ``batch`` CT-like phantom patches after the spec's intensity ops, :func:`ct_like_patches`, and — with
+``calibration`` — as many batches of windows of the user's own scans through the spec's preprocessing,
+:mod:`segrt.export.calibration`, gated by the same rule; with calibration scans the CT-like patches are gated only
+for a CT model (:func:`ct_spec`), else reported):
 
 * per-class Dice of the argmax labels, pooled over all gate patches, ``>= MIN_CLASS_DICE`` (0.98) for
   every class that covers at least ``MIN_CLASS_VOXELS`` voxels in the reference or in the variant
@@ -43,9 +49,9 @@ import numpy as np
 from segrt.errors import ExportError
 
 __all__ = ["CPU_VARIANTS", "MIN_CLASS_DICE", "MIN_CLASS_VOXELS", "per_class_dice", "compare_runs",
-           "gate_cpu_variant", "add_cpu_variants"]
+           "gate_cpu_variant", "add_cpu_variants", "auto_cpu_variants"]
 
-CPU_VARIANTS = ("openvino-bf16",)
+CPU_VARIANTS = ("openvino-bf16", "openvino-int8")
 MIN_CLASS_DICE = 0.98
 MIN_CLASS_VOXELS = 1000
 
@@ -82,9 +88,14 @@ def compare_runs(ref_fn, got_fn, batches, num_classes: int, min_voxels: int = MI
     count = 0
     finite = True
     ref_labels, got_labels = [], []
+    t_ref, t_got = [], []
     for x in batches:
+        t0 = time.perf_counter()
         r = np.asarray(ref_fn(x), dtype=np.float32)
+        t1 = time.perf_counter()
         g = np.asarray(got_fn(x), dtype=np.float32)
+        t_got.append((time.perf_counter() - t1) / max(1, x.shape[0]))
+        t_ref.append((t1 - t0) / max(1, x.shape[0]))
         if r.shape != g.shape:
             raise ExportError(f"outputs differ in shape: reference {list(r.shape)}, variant {list(g.shape)}")
         finite &= bool(np.isfinite(g).all())
@@ -100,7 +111,8 @@ def compare_runs(ref_fn, got_fn, batches, num_classes: int, min_voxels: int = MI
     pcd = per_class_dice(ref_l, got_l, num_classes, min_voxels)
     return {"max_abs_logit_diff": max_abs, "mean_abs_logit_diff": sum_abs / max(count, 1),
             "max_abs_logit": scale, "argmax_agreement": float((ref_l == got_l).mean()), "finite": finite,
-            "voxels": int(ref_l.size), "per_class_dice": pcd}
+            "voxels": int(ref_l.size), "per_class_dice": pcd,
+            "seconds_per_window": float(np.median(t_got)), "reference_seconds_per_window": float(np.median(t_ref))}
 
 
 def _ort_fp32(fp32_path):
@@ -110,13 +122,22 @@ def _ort_fp32(fp32_path):
     return lambda x: gm._run_onnx(sess, x)
 
 
+def ct_spec(spec) -> bool:
+    """Whether the spec reads CT: an intensity window whose lower end is in Hounsfield units of air or fat
+    (``scale_intensity_range`` with ``a_min <= -200``). Synthetic CT patches mean something only for such models."""
+    return any(op.op == "scale_intensity_range" and isinstance(op.params.get("a_min"), (int, float))
+               and op.params["a_min"] <= -200 for op in spec.preprocessing.intensity)
+
+
 def gate_cpu_variant(variant: str, fp32_path, spec, *, samples: int = 2, batch: int = 2, seed: int = 0,
-                     run=None, reference=None, threads: int | None = None) -> dict:
+                     run=None, reference=None, threads: int | None = None, model_path=None,
+                     calibration: list | None = None) -> dict:
     """Gate ``variant`` against ONNX Runtime fp32 on CT-like patches; return the report (never raises on a fail).
 
     ``run`` / ``reference`` (callables ``np → np``) replace the variant's backend / the ORT fp32 reference
     (tests use ``run`` to gate a deliberately broken variant). Raises :class:`ExportError` when the variant
-    cannot be run here at all (e.g. openvino missing, no native bf16).
+    cannot be run here at all (e.g. openvino missing, no native bf16). ``model_path``: the variant's own model
+    file (default: the fp32 ONNX). ``calibration``: batches of windows of the user's scans, gated as well.
     """
     from segrt.export.fp16 import ct_like_patches
     import segrt.export.gate as gm
@@ -125,10 +146,11 @@ def gate_cpu_variant(variant: str, fp32_path, spec, *, samples: int = 2, batch: 
         raise ExportError(f"unknown CPU variant {variant!r}; expected one of {', '.join(CPU_VARIANTS)}")
     if samples < 1:
         raise ExportError(f"gate samples must be >= 1, got {samples}")
-    if int(spec.in_channels) != 1:
+    if int(spec.in_channels) != 1 and not calibration:
         # the gate's CT-like patches need a single-channel CT model
-        return {"passed": False, "reason": f"no CT-like gate for a {spec.in_channels}-channel model; "
-                                           f"the variant is recorded ungated and will not be used"}
+        return {"passed": False, "reason": f"no CT-like gate for a {spec.in_channels}-channel model and no "
+                                           f"calibration scans; the variant is recorded ungated and will not be "
+                                           f"used (export with --calibration DIR)"}
     runtime = {}
     backend = None
     if run is None:
@@ -136,8 +158,9 @@ def gate_cpu_variant(variant: str, fp32_path, spec, *, samples: int = 2, batch: 
         from segrt.errors import BackendUnavailable
 
         try:
-            backend = OpenVinoCpuBackend(fp32_path, spec.in_channels, spec.num_classes, spec.inference.roi_size,
-                                         batch, precision=variant_precision(variant), threads=threads)
+            backend = OpenVinoCpuBackend(model_path or fp32_path, spec.in_channels, spec.num_classes,
+                                         spec.inference.roi_size, batch, precision=variant_precision(variant),
+                                         threads=threads, name=variant)
         except BackendUnavailable as exc:
             raise ExportError(f"cannot gate the {variant} CPU variant on this machine: {exc}") from None
         run = backend.infer
@@ -147,26 +170,42 @@ def gate_cpu_variant(variant: str, fp32_path, spec, *, samples: int = 2, batch: 
     ref_fn = reference if reference is not None else _ort_fp32(fp32_path)
     roi = tuple(int(r) for r in spec.inference.roi_size)
     t0 = time.perf_counter()
+    cal = None
     try:
-        ct = compare_runs(ref_fn, run, ct_like_patches(spec, samples, batch, seed + 1), spec.num_classes)
+        ct = None
+        if int(spec.in_channels) == 1:
+            ct = compare_runs(ref_fn, run, ct_like_patches(spec, samples, batch, seed + 1), spec.num_classes)
+        if calibration:
+            cal = compare_runs(ref_fn, run, calibration, spec.num_classes)
         rnd = compare_runs(ref_fn, run, gm._patches(seed, samples, (batch, int(spec.in_channels), *roi)),
                            spec.num_classes)
     finally:
         if backend is not None:
             backend.close()
     problems = []
-    if not ct["finite"]:
-        problems.append("non-finite logits on CT-like patches")
-    pcd = ct["per_class_dice"]
-    bad = [k for k in pcd["gated"] if not pcd["dice"][k] >= MIN_CLASS_DICE]
-    if bad:
-        shown = ", ".join(f"class {k} {pcd['dice'][k]:.4f} ({pcd['voxels'][k]} voxels)"
-                          for k in sorted(bad, key=lambda k: pcd["dice"][k])[:5])
-        problems.append(f"per-class Dice below {MIN_CLASS_DICE} on CT-like patches for {len(bad)} of "
-                        f"{len(pcd['gated'])} gated classes: {shown}" + (" ..." if len(bad) > 5 else ""))
-    if not pcd["gated"]:
-        problems.append(f"no class covers {MIN_CLASS_VOXELS} voxels of the CT-like gate patches")
-    for r in (ct, rnd):  # JSON keys must be strings
+    # with the user's scans, the synthetic CT patches are gated only for a CT model (for an MRI network they are
+    # out of its input distribution, where no reduced precision is expected to agree); they are still reported
+    ct_gated = ct is not None and (cal is None or ct_spec(spec))
+    for what, rep in (("CT-like patches", ct if ct_gated else None), ("calibration windows", cal)):
+        if rep is None:
+            continue
+        if not rep["finite"]:
+            problems.append(f"non-finite logits on {what}")
+        pcd = rep["per_class_dice"]
+        bad = [k for k in pcd["gated"] if not pcd["dice"][k] >= MIN_CLASS_DICE]
+        if bad:
+            shown = ", ".join(f"class {k} {pcd['dice'][k]:.4f} ({pcd['voxels'][k]} voxels)"
+                              for k in sorted(bad, key=lambda k: pcd["dice"][k])[:5])
+            problems.append(f"per-class Dice below {MIN_CLASS_DICE} on {what} for {len(bad)} of "
+                            f"{len(pcd['gated'])} gated classes: {shown}" + (" ..." if len(bad) > 5 else ""))
+        if not pcd["gated"] and (what == "calibration windows" or cal is None):
+            problems.append(f"no class covers {MIN_CLASS_VOXELS} voxels of the {what}")
+    main = cal if cal is not None else ct
+    pcd = main["per_class_dice"]
+    worst = [r["per_class_dice"]["worst_dice"] for r in ((ct if ct_gated else None), cal) if r is not None
+             and r["per_class_dice"]["worst_dice"] is not None]
+    timed = [r for r in (ct, cal, rnd) if r is not None]
+    for r in timed:  # JSON keys must be strings
         r["per_class_dice"] = {**r["per_class_dice"],
                                "dice": {str(k): round(v, 6) for k, v in r["per_class_dice"]["dice"].items()},
                                "voxels": {str(k): v for k, v in r["per_class_dice"]["voxels"].items()}}
@@ -175,28 +214,80 @@ def gate_cpu_variant(variant: str, fp32_path, spec, *, samples: int = 2, batch: 
         "reference": "onnxruntime fp32 (CPUExecutionProvider) on model_fp32.onnx", **runtime,
         "samples": int(samples), "batch": int(batch), "seed": int(seed),
         "min_class_dice": MIN_CLASS_DICE, "min_class_voxels": MIN_CLASS_VOXELS,
-        "ct_like": {**ct, "input_distribution": "synthetic CT phantom after the spec's intensity ops"},
+        **({"ct_like": {**ct, "input_distribution": "synthetic CT phantom after the spec's intensity ops",
+                        "gated": ct_gated}} if ct is not None else {}),
+        **({"calibration": {**cal, "input_distribution": "windows of the user's calibration scans after the "
+                                                         "spec's preprocessing"}} if cal is not None else {}),
         "random": {**rnd, "input_distribution": "standard normal float32 (logit report only, not gated)"},
-        "worst_class_dice": pcd["worst_dice"], "worst_class": pcd["worst_class"],
-        "max_abs_logit_diff": ct["max_abs_logit_diff"], "argmax_agreement": ct["argmax_agreement"],
+        "worst_class_dice": min(worst) if worst else None, "worst_class": pcd["worst_class"],
+        "max_abs_logit_diff": main["max_abs_logit_diff"], "argmax_agreement": main["argmax_agreement"],
+        "seconds_per_window": float(np.median([r["seconds_per_window"] for r in timed])),
+        "fp32_seconds_per_window": float(np.median([r["reference_seconds_per_window"] for r in timed])),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return report
 
 
+def auto_cpu_variants() -> tuple[str, ...]:
+    """The CPU variants worth building on this machine without being asked: OpenVINO bf16 where OpenVINO is
+    installed and the CPU computes bf16 natively (int8 is built only on request: it wants calibration scans)."""
+    try:
+        from segrt.engine.backends.openvino_cpu import openvino_info
+
+        return ("openvino-bf16",) if openvino_info().get("native_bf16") else ()
+    except Exception:  # noqa: BLE001 - openvino missing or unusable: no variant
+        return ()
+
+
 def add_cpu_variants(tmp, spec, fp32_entry: dict, models: dict, gates: dict, cpu_variants, *,
-                     samples: int, seed: int) -> None:
-    """Gate each requested CPU variant and record it in ``models`` / ``gates`` (called by ``export``)."""
+                     samples: int, seed: int, calibration=None, progress=None) -> None:
+    """Build (int8) and gate each requested CPU variant and record it in ``models`` / ``gates`` (called by
+    ``export``). ``calibration``: a folder / list of the user's scans (:mod:`segrt.export.calibration`)."""
+    from pathlib import Path
+
+    from segrt.export.fp16 import ct_like_patches
+
+    say = progress or (lambda msg: None)
+    batch = fp32_entry.get("fixed_batch", 2)
+    cal = None
+    if calibration is not None:
+        from segrt.export.calibration import calibration_patches
+
+        say("reading the calibration scans")
+        cal = calibration_patches(spec, calibration, samples, batch, seed=seed + 7)
+    io_keys = ("input_name", "output_name", "input_shape", "output_shape", "opset", "fixed_batch")
     for variant in cpu_variants:
         if variant not in CPU_VARIANTS:
             raise ExportError(f"unknown CPU variant {variant!r}; expected one of {', '.join(CPU_VARIANTS)}")
-        batch = fp32_entry.get("fixed_batch", 2)
-        report = gate_cpu_variant(variant, tmp / fp32_entry["path"], spec, samples=samples, seed=seed, batch=batch)
-        models[variant] = {**{k: fp32_entry[k] for k in ("path", "sha256", "format", "input_name", "output_name",
-                                                          "input_shape", "output_shape", "opset")
-                              if k in fp32_entry},
-                           "runtime": "openvino", "inference_precision": "bf16",
-                           "note": "the fp32 ONNX, run by OpenVINO's CPU plugin with INFERENCE_PRECISION_HINT=bf16"}
+        model_path = None
+        if variant == "openvino-int8":
+            from segrt.artifact import sha256_file
+            from segrt.export.int8 import MODEL_INT8, quantize_int8
+
+            if cal is not None:
+                windows = cal
+            elif int(spec.in_channels) == 1:
+                windows = ct_like_patches(spec, max(2, samples), 2, seed + 3)
+            else:
+                raise ExportError(f"int8 needs calibration windows: a {spec.in_channels}-channel model has no "
+                                  f"synthetic CT calibration; export with --calibration DIR")
+            say(f"quantizing to int8 on {sum(w.shape[0] for w in windows)} calibration windows")
+            info = quantize_int8(Path(tmp) / fp32_entry["path"], Path(tmp) / MODEL_INT8, windows,
+                                 input_name=fp32_entry.get("input_name", "input"))
+            info["calibrated_on"] = "the user's scans" if cal is not None else "synthetic CT-like patches"
+            model_path = Path(tmp) / MODEL_INT8
+            models[variant] = {"path": MODEL_INT8, "sha256": sha256_file(model_path), "format": "onnx",
+                               **{k: fp32_entry[k] for k in io_keys if k in fp32_entry}, **info,
+                               "runtime": "openvino", "inference_precision": "int8 (QDQ) / f32",
+                               "note": "int8 QDQ ONNX run by OpenVINO's CPU plugin"}
+        else:
+            models[variant] = {**{k: fp32_entry[k] for k in ("path", "sha256", "format") + io_keys
+                                  if k in fp32_entry},
+                               "runtime": "openvino", "inference_precision": "bf16",
+                               "note": "the fp32 ONNX, run by OpenVINO's CPU plugin with INFERENCE_PRECISION_HINT=bf16"}
+        say(f"gating {variant}")
+        report = gate_cpu_variant(variant, Path(tmp) / fp32_entry["path"], spec, samples=samples, seed=seed,
+                                  batch=batch, model_path=model_path, calibration=cal)
         gates[variant] = report
         if not report["passed"]:
             warnings.warn(f"CPU variant {variant} failed its accuracy gate and will not be used: "

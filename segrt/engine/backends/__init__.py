@@ -8,8 +8,9 @@ the backend that needs them. Each backend has a ``name`` and declares its :class
 
 ``select_backend`` implements ``device="auto"``: a valid TensorRT plan → ONNX Runtime CUDA → torch CUDA →
 the CPU, and says what it picked and why each faster candidate was rejected. On the CPU (``"cpu"``, and
-``"auto"`` without a GPU) it takes the artifact's best CPU variant whose export-time gate passed
-(``CPU_ORDER``: OpenVINO bf16) and falls back to ONNX Runtime fp32, logging why.
+``"auto"`` without a GPU) it takes the artifact's fastest CPU variant whose export-time gate passed (OpenVINO int8
+or bf16, ordered by the gate's measured time per window: :func:`cpu_variants_by_speed`) and falls back to ONNX
+Runtime fp32, logging why.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ log = logging.getLogger("segrt")
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt", "ort-cuda", "torch-cuda", "ort-cpu", "openvino")
 GPU_ORDER = ("tensorrt", "ort-cuda", "torch-cuda")
-#: reduced-precision CPU variants, fastest first; each is used only if its export-time gate passed
-CPU_ORDER = ("openvino-bf16",)
+#: reduced-precision CPU variants, in the order tried when the artifact records no timing (fastest first as a rule);
+#: each is used only if its export-time gate passed, and those with a gate timing are tried fastest first
+CPU_ORDER = ("openvino-int8", "openvino-bf16")
 VARIANTS = (None, "fp32", "fp16")
 
 
@@ -87,9 +89,7 @@ def _cpu_choice(device: str, artifact, variant, threads, rejected: list[str]):
     Appends to ``rejected`` why each CPU variant of the artifact was not taken (and logs it).
     """
     if variant is None:
-        for kind in CPU_ORDER:
-            if kind not in artifact.variants:
-                continue
+        for kind in cpu_variants_by_speed(artifact):
             try:
                 from segrt.engine.backends.openvino_cpu import OpenVinoCpuBackend
 
@@ -101,6 +101,20 @@ def _cpu_choice(device: str, artifact, variant, threads, rejected: list[str]):
     elif variant in CPU_ORDER:
         return _make("openvino", artifact, variant, threads)
     return _make("cpu", artifact, variant, threads)
+
+
+def cpu_variants_by_speed(artifact) -> list[str]:
+    """The artifact's reduced-precision CPU variants, fastest first by the per-window time their export-time gate
+    measured (``gate[v].seconds_per_window``); untimed ones after, in :data:`CPU_ORDER`."""
+    gates = artifact.manifest.get("gate", {})
+    present = [k for k in CPU_ORDER if k in artifact.variants]
+
+    def key(kind):
+        t = gates.get(kind, {}).get("seconds_per_window") if isinstance(gates.get(kind), dict) else None
+        ok = isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0
+        return (0, float(t), CPU_ORDER.index(kind)) if ok else (1, 0.0, CPU_ORDER.index(kind))
+
+    return sorted(present, key=key)
 
 
 def _describe(backend) -> str:

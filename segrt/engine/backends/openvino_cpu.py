@@ -27,7 +27,7 @@ from segrt.errors import BackendUnavailable, InferenceError
 __all__ = ["OpenVinoCpuBackend", "PRECISIONS", "openvino_info", "variant_precision"]
 
 #: variant name in the artifact (``models`` / ``gate``) -> OpenVINO inference precision
-PRECISIONS = {"openvino-bf16": "bf16", "openvino-fp32": "f32"}
+PRECISIONS = {"openvino-bf16": "bf16", "openvino-int8": "f32", "openvino-fp32": "f32"}
 _OV_TYPES = {"bf16": "bf16", "f32": "f32"}
 
 
@@ -69,13 +69,13 @@ class OpenVinoCpuBackend(Backend):
 
     def __init__(self, model_path, in_channels, num_classes, roi_size, max_batch, *, precision: str = "bf16",
                  input_name="input", output_name="output", threads: int | None = None,
-                 fixed_batch: int | None = None):
+                 fixed_batch: int | None = None, name: str | None = None):
         super().__init__(in_channels, num_classes, roi_size, max_batch)
         self.fixed_batch = fixed_batch
         if precision not in _OV_TYPES:
             raise BackendUnavailable(f"OpenVINO precision must be 'bf16' or 'f32', got {precision!r}")
         self.precision = precision
-        self.name = "openvino-bf16" if precision == "bf16" else "openvino-fp32"
+        self.name = name or ("openvino-bf16" if precision == "bf16" else "openvino-fp32")
         ov = _import_openvino()
         self._ov = ov
         self.core = ov.Core()
@@ -133,11 +133,11 @@ class OpenVinoCpuBackend(Backend):
         """
         precision = variant_precision(variant)
         entry = artifact.model_entry(variant) if variant in artifact.variants else None
-        if entry is None and precision == "bf16":
+        if entry is None and variant != "openvino-fp32":
             raise BackendUnavailable(f"the artifact has no {variant!r} variant (it has: "
                                      f"{', '.join(artifact.variants)}); export it with "
                                      f"cpu_variants=('{variant}',)")
-        if entry is not None and require_gate and precision != "f32":
+        if entry is not None and require_gate and variant != "openvino-fp32":
             gate = artifact.manifest.get("gate", {}).get(variant)
             if not isinstance(gate, dict):
                 raise BackendUnavailable(f"{variant}: the artifact records no accuracy gate for it; refusing "
@@ -151,7 +151,7 @@ class OpenVinoCpuBackend(Backend):
         return cls(path, spec.in_channels, spec.num_classes, spec.inference.roi_size,
                    spec.inference.sw_batch_size, precision=precision,
                    input_name=source.get("input_name", "input"), output_name=source.get("output_name", "output"),
-                   threads=threads, fixed_batch=source.get("fixed_batch"))
+                   threads=threads, fixed_batch=source.get("fixed_batch"), name=variant)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = self.check_batch(batch)

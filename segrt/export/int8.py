@@ -1,0 +1,112 @@
+"""Post-training static int8 quantization of the fp32 ONNX (the ``openvino-int8`` CPU variant).
+
+ONNX Runtime's static quantizer (``onnxruntime.quantization.quantize_static``, as its "Quantize ONNX models" guide
+describes: ``quant_pre_process`` first, then QDQ format) writes ``model_int8.onnx`` with QuantizeLinear /
+DequantizeLinear pairs; OpenVINO's CPU plugin reads those pairs and runs the convolutions between them with int8
+kernels (VNNI / AMX-INT8 where the CPU has them), which is why the variant is run by OpenVINO, not by ORT.
+
+Choices:
+
+* weights int8 per output channel (``per_channel=True``, symmetric), activations uint8 asymmetric, ranges from
+  MinMax calibration on the calibration windows (the user's scans with ``--calibration``, else the synthetic
+  CT-like patches), one window per calibration step and ranges folded after each
+  (``CalibStridedMinMax=1``: ranges merged after each window) so memory stays at one window's activations;
+* kept in higher precision (``nodes_to_exclude``): every normalisation region (InstanceNorm / GroupNorm / BatchNorm
+  and their decompositions, :func:`segrt.export.fp16.find_norm_regions`) and the final head (the last Conv /
+  ConvTranspose before the output and everything after it): their inputs' ranges are the least quantization-friendly
+  and the head's logits decide the argmax;
+* the variant is gated like the bf16 one (per-class Dice >= 0.98 vs fp32 on the gate's patches) and refused by
+  the runtime when it failed. What it gives on real trained networks is in the benchmark JSONs named in the README.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from segrt.errors import ExportError
+
+__all__ = ["MODEL_INT8", "excluded_nodes", "quantize_int8"]
+
+MODEL_INT8 = "model_int8.onnx"
+
+
+def excluded_nodes(model) -> list[str]:
+    """Names of the nodes kept in float: the normalisation regions and the head (last conv to the output)."""
+    from segrt.export.fp16 import _name_nodes, find_norm_regions
+
+    g = model.graph
+    _name_nodes(g)
+    names = {n for r in find_norm_regions(model) for n in r.nodes}
+    producer = {o: n for n in g.node for o in n.output if o}
+    stack = [o.name for o in g.output]
+    seen = set()
+    while stack:  # from the output back to (and including) the last convolution on each path
+        name = stack.pop()
+        node = producer.get(name)
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        names.add(node.name)
+        if node.op_type in ("Conv", "ConvTranspose"):
+            continue
+        stack.extend(i for i in node.input if i)
+    return sorted(names)
+
+
+def quantize_int8(fp32_path, out_path, batches, input_name: str = "input") -> dict:
+    """Quantize ``fp32_path`` to ``out_path`` (QDQ int8) calibrated on ``batches`` (arrays ``(B, C, *roi)``, fed one
+    window at a time); returns what the manifest records."""
+    try:
+        import onnx
+        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                              quantize_static)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as exc:
+        raise ExportError(f"int8 quantization needs onnx and onnxruntime's quantization tools: {exc}") from None
+    windows = [b[i:i + 1] for b in batches for i in range(b.shape[0])]
+    if not windows:
+        raise ExportError("int8 quantization needs at least one calibration window")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="segrt-int8-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        try:
+            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        except Exception as exc:  # noqa: BLE001 - ORT's shape inference raises anything
+            raise ExportError(f"int8: ONNX Runtime's pre-processing failed on {fp32_path}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        model = onnx.load(str(pre))
+        exclude = excluded_nodes(model)
+        onnx.save(model, str(pre))  # with the node names excluded_nodes gave unnamed nodes
+
+        class Reader(CalibrationDataReader):  # strided: ORT sets the range of one window at a time
+            def __init__(self):
+                self.it = iter(windows)
+
+            def __len__(self):
+                return len(windows)
+
+            def set_range(self, start_index: int, end_index: int):
+                self.it = iter(windows[start_index:end_index])
+
+            def get_next(self):
+                w = next(self.it, None)
+                return None if w is None else {input_name: np.ascontiguousarray(w, dtype=np.float32)}
+
+        try:
+            quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
+                            extra_options={"CalibStridedMinMax": 1},
+                            calibration_providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(f"int8: ONNX Runtime's static quantizer failed: {type(exc).__name__}: {exc}") from exc
+    q = onnx.load(str(out_path), load_external_data=False)
+    n_q = sum(1 for n in q.graph.node if n.op_type == "QuantizeLinear")
+    return {"quantizer": "onnxruntime.quantization.quantize_static (QDQ, MinMax)",
+            "weights": "int8 per channel, symmetric", "activations": "uint8 asymmetric",
+            "calibration_windows": len(windows), "kept_float_nodes": len(exclude),
+            "quantize_linear_nodes": n_q, "quantize_seconds": round(time.perf_counter() - t0, 3)}
