@@ -1,7 +1,8 @@
 """The ``segrt`` command line: one library call per subcommand.
 
     segrt export SOURCE -o ARTIFACT_DIR [--random-init] [--spec SPEC.json] [--override KEY=VALUE ...]
-    segrt run ARTIFACT_DIR INPUT -o OUTPUT [--device cpu|auto] [--threads N] [--quiet]
+    segrt run ARTIFACT_DIR INPUT... -o OUTPUT [--format nifti|nrrd|dicom-seg] [--series UID] [--labels a,b]
+              [--stats FILE.json|.csv] [--preview FILE.png] [--split DIR] [--device cpu|auto] [--threads N]
     segrt info ARTIFACT_DIR
     segrt demo [-o DIR] [--orientation RAS|LPS] [--spacing X,Y,Z] [--seed N]
 
@@ -113,10 +114,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also build a TensorRT plan (needs TensorRT >= 10 and a GPU; not verified on real TensorRT)")
     e.add_argument("--trt-timing-cache", default=None, help="TensorRT timing cache file")
 
-    r = sub.add_parser("run", help="segment a NIfTI volume with an artifact")
+    r = sub.add_parser("run", help="segment a volume (NIfTI, NRRD, DICOM series) with an artifact")
     r.add_argument("artifact", help="artifact directory written by 'segrt export'")
-    r.add_argument("input", help="input image (.nii / .nii.gz)")
-    r.add_argument("-o", "--output", default=None, help="output label image (.nii / .nii.gz); required unless --plan")
+    r.add_argument("input", nargs="+",
+                   help="input image: NIfTI (.nii / .nii.gz), NRRD (.nrrd / .nhdr), a DICOM series folder, a .dcm "
+                        "file of the series, or the series' .dcm files (one image per run)")
+    r.add_argument("-o", "--output", default=None,
+                   help="output label image: .nii / .nii.gz, .nrrd, or .dcm (DICOM-SEG, DICOM input only); "
+                        "required unless --plan, --split, --stats or --preview")
+    r.add_argument("--format", default=None, choices=["nifti", "nrrd", "dicom-seg"],
+                   help="output format (default: from the -o extension); with --split: nifti or nrrd files")
+    r.add_argument("--series", default=None, metavar="UID",
+                   help="SeriesInstanceUID to segment when the DICOM folder holds several series")
+    r.add_argument("--labels", default=None, metavar="A,B,...",
+                   help="keep only these classes (names or label numbers); the others become background in every "
+                        "output")
+    r.add_argument("--stats", default=None, metavar="FILE",
+                   help="write per-structure statistics (volume, voxels, intensities) as .json or .csv")
+    r.add_argument("--preview", default=None, metavar="FILE.png",
+                   help="write a PNG of three orthogonal slices with the labels over the image (needs matplotlib)")
+    r.add_argument("--split", default=None, metavar="DIR",
+                   help="also write one mask file per class present: DIR/<class>.nii.gz (.nrrd with --format nrrd)")
     r.add_argument("--plan", action="store_true",
                    help="print the plan (grids, windows, predicted peak memory, predicted network time from a "
                         "one-batch calibration) and exit without segmenting; reads only the input's header")
@@ -218,30 +236,90 @@ def cmd_export(a) -> int:
     return 0
 
 
+def _run_input(a):
+    """The input as segrt.imageio takes it: one path, or the list of a DICOM series' files."""
+    return a.input[0] if len(a.input) == 1 else list(a.input)
+
+
+def _check_run_outputs(a, source) -> list | None:
+    """Every output of 'segrt run' checked before the model loads; returns the --labels selection (or None)."""
+    from segrt.engine.segmentation import _source_paths, check_run_input, check_run_output
+    from segrt.errors import UsageError
+    from segrt.safety import check_output_dir, check_output_file
+
+    if a.output is None and not (a.split or a.stats or a.preview):
+        raise UsageError("segrt run needs an output: -o LABELS.nii.gz (or --split DIR / --stats FILE / --preview "
+                         "FILE.png, or --plan to only print the plan)")
+    if a.output is not None:
+        check_run_output(a.output, source, a.artifact, fmt=a.format)
+    else:
+        check_run_input(source)
+    if a.series is not None and check_run_input(source) != "dicom":
+        raise UsageError(f"--series selects a DICOM series, but the input {a.input[0]!r} is not DICOM")
+    inputs = _source_paths(source)
+    if a.stats:
+        check_output_file(a.stats, inputs=inputs, exts=(".json", ".csv"), what="statistics file")
+    if a.preview:
+        check_output_file(a.preview, inputs=inputs, exts=(".png",), what="preview")
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("--preview needs matplotlib: pip install 'segrt[preview]'")
+    if a.split:
+        if a.format not in (None, "nifti", "nrrd"):
+            raise UsageError(f"--split writes nifti or nrrd files, not {a.format}")
+        check_output_dir(a.split, sources=inputs, what="split directory")
+    if a.labels is None:
+        return None
+    import numpy as np
+
+    from segrt.artifact import Artifact
+    from segrt.stats import parse_label_list, select_labels
+
+    keep = parse_label_list(a.labels)
+    select_labels(np.zeros((1, 1, 1), np.uint8), Artifact.load(a.artifact).spec.class_names, keep)  # names checked
+    return keep
+
+
 def cmd_run(a) -> int:
     from segrt.engine.engine import Engine
-    from segrt.engine.segmentation import check_run_output
-    from segrt.errors import UsageError
 
     if a.plan:
         return _print_plan(a)
-    if a.output is None:
-        raise UsageError("segrt run needs an output: -o LABELS.nii.gz (or --plan to only print the plan)")
-    check_run_output(a.output, a.input, a.artifact)  # before the model is loaded: fails in well under a second
+    source = _run_input(a)
+    keep = _check_run_outputs(a, source)  # before the model is loaded: fails in well under a second
     with Engine.load(a.artifact, device=a.device, variant=a.variant, threads=a.threads,
                      overlap=a.overlap, skip_empty=not a.no_skip, max_memory=a.max_memory,
                      accum_dtype=a.accum_dtype, gpu_batch=a.gpu_batch,
                      trust_torch_program=a.trust_torch_program) as eng:
-        seg = eng.segment(a.input, output=a.output, progress=None if not a.quiet else False)
+        seg = eng.segment(source, series=a.series, progress=None if not a.quiet else False)
         seg.timings["load"] += getattr(eng, "load_seconds", 0.0)
+    if keep is not None:
+        seg = seg.select(keep)
+    extra = {}
+    if a.output is not None:
+        seg.save(a.output, a.format)
+    if a.split:
+        extra["split"] = [str(p) for p in seg.save_split(a.split, fmt="nrrd" if a.format == "nrrd" else "nifti")]
+    if a.stats:
+        extra["stats"] = str(seg.write_statistics(a.stats))
+    if a.preview:
+        extra["preview"] = str(seg.write_preview(a.preview))
     if a.json:
-        print(json.dumps({"output": str(a.output), "timings": seg.timings, "volumes_ml": seg.volumes_ml(),
-                          **seg.metadata}, indent=2))
+        print(json.dumps({"output": None if a.output is None else str(a.output), **extra, "timings": seg.timings,
+                          "volumes_ml": seg.volumes_ml(), **seg.metadata}, indent=2))
     elif not a.quiet:
         m = seg.metadata
         skipped = f" ({m['windows_skipped']} skipped by the skip rule)" if m.get("windows_skipped") else ""
-        print(f"wrote {a.output}  ({seg.labels.shape[0]}×{seg.labels.shape[1]}×{seg.labels.shape[2]}, "
-              f"{m['windows_run']} of {m['windows']} windows run{skipped}, backend {m['backend']})")
+        shape = f"{seg.labels.shape[0]}×{seg.labels.shape[1]}×{seg.labels.shape[2]}"
+        what = f"wrote {a.output}" if a.output is not None else "segmented"
+        print(f"{what}  ({shape}, {m['windows_run']} of {m['windows']} windows run{skipped}, "
+              f"backend {m['backend']})")
+        if "split" in extra:
+            print(f"  split: {len(extra['split'])} file(s) in {a.split}")
+        for key in ("stats", "preview"):
+            if key in extra:
+                print(f"  {key}: {extra[key]}")
         if seg.metadata.get("overlap_overridden"):
             print(f"  overlap {','.join(f'{o:g}' for o in seg.metadata['overlap'])} "
                   f"(artifact: {','.join(f'{o:g}' for o in seg.metadata['artifact_overlap'])})")
@@ -251,14 +329,17 @@ def cmd_run(a) -> int:
 
 def _print_plan(a) -> int:
     from segrt.engine.engine import Engine
+    from segrt.engine.segmentation import check_run_input
     from segrt.niftiheader import inspect_nifti
 
-    inspect_nifti(a.input)  # a bad input fails before the model is loaded
+    source = _run_input(a)
+    if check_run_input(source) == "nifti":
+        inspect_nifti(a.input[0])  # a bad input fails before the model is loaded
     with Engine.load(a.artifact, device=a.device, variant=a.variant, threads=a.threads,
                      overlap=a.overlap, skip_empty=not a.no_skip, max_memory=a.max_memory,
                      accum_dtype=a.accum_dtype, gpu_batch=a.gpu_batch,
                      trust_torch_program=a.trust_torch_program) as eng:
-        plan = eng.plan(a.input)
+        plan = eng.plan(source, series=a.series)
         cal = eng.calibrate(plan.inference.sw_batch_size)
     if a.json:
         print(json.dumps(plan.to_dict(cal), indent=2))
@@ -289,7 +370,8 @@ COMMANDS = {"export": cmd_export, "run": cmd_run, "info": cmd_info, "demo": cmd_
 
 #: packages of the optional extras, and the extra that brings each
 _EXTRA_OF = {"torch": "export", "monai": "export", "onnx": "export", "onnxscript": "export", "einops": "export",
-             "openvino": "cpu", "triton": "gpu", "tensorrt": "tensorrt", "matplotlib": "bench"}
+             "openvino": "cpu", "triton": "gpu", "tensorrt": "tensorrt", "matplotlib": "preview",
+             "pydicom": "dicom", "highdicom": "dicom", "nrrd": "nrrd"}
 
 
 def error_line(exc: BaseException) -> str:

@@ -15,7 +15,7 @@ content: a ``.nii.gz`` that is not NIfTI fails in the NIfTI reader with its own 
 Outputs (:func:`output_format`, :func:`save_label_image`): ``"nifti"`` (``.nii``/``.nii.gz``, written by
 :func:`segrt.volume.save_labels`), ``"nrrd"`` (``.nrrd``, also ``.seg.nrrd``, written by
 :func:`segrt.nrrdio.save_nrrd_labels` with the class names as 3D Slicer segment fields) and ``"dicom-seg"``
-(``.dcm``; its writer is not part of this module yet). An explicit ``fmt`` wins over the extension but may not
+(``.dcm``, written by :func:`segrt.dicomseg.write_dicom_seg`; needs the source series' datasets). An explicit ``fmt`` wins over the extension but may not
 contradict a known one; unknown formats and extensions are an :class:`OutputError` listing the accepted ones.
 """
 
@@ -134,11 +134,14 @@ def output_format(path, fmt: str | None = None) -> str:
 
 
 def save_label_image(labels: np.ndarray, affine: np.ndarray, path, fmt: str | None = None, like=None,
-                     class_names: Mapping[int, str] | None = None, descrip: str | None = None) -> Path:
+                     class_names: Mapping[int, str] | None = None, descrip: str | None = None,
+                     source_datasets=None) -> Path:
     """Write an integer label map ``(X, Y, Z)`` in the format :func:`output_format` picks; returns the path.
 
     NIfTI uses ``like`` (a :class:`~segrt.volume.Volume` whose NIfTI header is copied) and ``descrip``; NRRD uses
-    ``class_names`` (3D Slicer segment fields) and ``descrip`` (the ``content`` field).
+    ``class_names`` (3D Slicer segment fields) and ``descrip`` (the ``content`` field). DICOM-SEG needs
+    ``source_datasets`` (the source series' pydicom datasets in the labels' slice order, e.g.
+    :attr:`segrt.dicomio.DicomImage.datasets`) and uses ``class_names`` as the segment labels.
     """
     kind = output_format(path, fmt)
     if kind == "nifti":
@@ -149,5 +152,9 @@ def save_label_image(labels: np.ndarray, affine: np.ndarray, path, fmt: str | No
         from segrt.nrrdio import save_nrrd_labels
 
         return save_nrrd_labels(labels, affine, path, class_names=class_names, description=descrip)
-    raise OutputError(f"DICOM-SEG output is written by the DICOM-SEG writer, which is not available yet; cannot "
-                      f"write {str(path)!r}: expected nifti (.nii, .nii.gz) or nrrd (.nrrd)")
+    if source_datasets is None:
+        raise OutputError(f"DICOM-SEG output {str(path)!r} references its source DICOM series, and the input was not "
+                          "DICOM: expected nifti (.nii, .nii.gz) or nrrd (.nrrd) for this input")
+    from segrt.dicomseg import write_dicom_seg
+
+    return write_dicom_seg(labels, source_datasets, path, dict(class_names or {}))

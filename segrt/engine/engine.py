@@ -34,7 +34,7 @@ from segrt.engine.backends import select_backend
 from segrt.engine.budget import measure_workspace, parse_size, plan_memory
 from segrt.engine.orchestrator import NumpyOps
 from segrt.engine.plan import Calibration, SegmentationPlan, make_plan
-from segrt.engine.segmentation import STAGES, Segmentation, check_run_output
+from segrt.engine.segmentation import STAGES, Segmentation, check_run_output, source_format
 from segrt.errors import UsageError, VolumeError
 from segrt.niftiheader import correct_nifti_header, inspect_nifti
 from segrt.volume import RawImage, Volume, load_nifti, read_nifti
@@ -173,49 +173,88 @@ class Engine:
         return False
 
     # ------------------------------------------------------------------------------------------
-    def _as_volume(self, source, affine, on_device: bool = False) -> Volume | RawImage:
-        """The input as a :class:`Volume`; ``on_device``: a file stays a :class:`RawImage` (stored dtype and order,
-        uploaded as it is) and non-finite values are left to the device pipeline's own check."""
+    def _as_volume(self, source, affine, on_device: bool = False, series: str | None = None) -> Volume | RawImage:
+        """The input as a :class:`Volume`; ``on_device``: a NIfTI file stays a :class:`RawImage` (stored dtype and
+        order, uploaded as it is) and non-finite values are left to the device pipeline's own check."""
+        return self._read_source(source, affine, on_device, series)[0]
+
+    def _read_source(self, source, affine, on_device: bool = False, series: str | None = None):
+        """``(volume, dicom)``: the input as :meth:`_as_volume` describes, and the
+        :class:`segrt.dicomio.DicomImage` it came from (None unless the input is DICOM). Paths: NIfTI by the fast
+        readers (load_nifti, or read_nifti on a device), NRRD and DICOM (a folder, .dcm files) by
+        :func:`segrt.imageio.load_image`; ``series`` picks a DICOM series."""
         checked = False  # RawImage.to_volume (load_nifti) has checked for non-finite voxels already
+        dicom = None
+        if isinstance(source, (list, tuple)) and len(source) == 1:
+            source = source[0]
+        if series is not None and not (isinstance(source, (str, os.PathLike, list, tuple))
+                                       and source_format(source) == "dicom"):
+            raise UsageError(f"series={series!r} selects a DICOM series, but the input is not DICOM")
         if isinstance(source, Volume):
             vol = source
         elif isinstance(source, RawImage):  # read_nifti's result: uploaded as stored, or MONAI's float32 here
             vol, checked = (source, False) if on_device else (source.to_volume(), True)
-        elif isinstance(source, (str, os.PathLike)):
-            vol, checked = (read_nifti(source), False) if on_device else (load_nifti(source), True)
+        elif hasattr(source, "datasets") and isinstance(getattr(source, "volume", None), Volume):  # a DicomImage
+            vol, dicom = source.volume, source
+        elif isinstance(source, (str, os.PathLike, list, tuple)):
+            fmt = source_format(source)
+            if fmt == "nifti":
+                vol, checked = (read_nifti(source), False) if on_device else (load_nifti(source), True)
+            elif fmt == "dicom":
+                from segrt.dicomio import read_dicom_series
+
+                dicom = read_dicom_series(source, series_uid=series)
+                vol = dicom.volume
+            else:
+                from segrt.imageio import load_image
+
+                vol = load_image(source)
         elif isinstance(source, np.ndarray):
             vol = Volume.from_array(source, affine=affine)
         else:
-            raise VolumeError(f"segment() expects a file path, a segrt.Volume, a segrt.RawImage or a NumPy array, "
-                              f"got {type(source).__name__}")
+            raise VolumeError(f"segment() expects a file path (NIfTI, NRRD, DICOM), a segrt.Volume, a "
+                              f"segrt.RawImage or a NumPy array, got {type(source).__name__}")
         if vol.num_channels != self.spec.in_channels:
             raise VolumeError(f"the model takes {self.spec.in_channels} channel(s), the input has "
                               f"{vol.num_channels} (array shape {vol.array.shape})")
         if not on_device and not checked and not np.isfinite(vol.array).all():
             bad = int(np.size(vol.array) - np.count_nonzero(np.isfinite(vol.array)))
             raise VolumeError(f"input holds {bad} NaN/Inf voxel(s); expected finite intensities")
-        return vol
+        return vol, dicom
 
     def segment(self, source, affine=None, *, output: str | os.PathLike | None = None,
-                progress: bool | None = None, return_probabilities: bool = False) -> Segmentation:
-        """Segment a NIfTI path, a :class:`Volume`, a :class:`RawImage` (:func:`segrt.read_nifti`) or an array (with
-        ``affine``).
+                progress: bool | None = None, return_probabilities: bool = False, series: str | None = None,
+                fmt: str | None = None) -> Segmentation:
+        """Segment an image file (NIfTI, NRRD), DICOM (a folder, a .dcm file, a list of a series' files, or a
+        :class:`segrt.dicomio.DicomImage`), a :class:`Volume`, a :class:`RawImage` (:func:`segrt.read_nifti`) or an
+        array (with ``affine``). ``series``: the SeriesInstanceUID to read from a DICOM folder holding several.
+        ``output``: also write the labels there (NIfTI, NRRD, or DICOM-SEG for a DICOM input; ``fmt`` overrides the
+        extension, see :meth:`Segmentation.save`).
 
         ``return_probabilities`` additionally keeps the stitched softmax probabilities on the preprocessed
         grid (C × volume: for tests and debugging only — it defeats the streaming memory bound).
         """
         spec = self.spec
         if output is not None:  # before any work: never the input, never after minutes of inference
-            check_run_output(output, source, self.artifact.root)
+            check_run_output(output, source, self.artifact.root, fmt=fmt)
         timings = {k: 0.0 for k in STAGES}
         on_device = self._on_device()
         t0 = time.perf_counter()
-        vol = self._as_volume(source, affine, on_device=on_device)
+        vol, dicom = self._read_source(source, affine, on_device=on_device, series=series)
         timings["load"] = time.perf_counter() - t0
+        src_meta = {"source_format": "dicom" if dicom is not None else (
+            source_format(source) if isinstance(source, (str, os.PathLike, list, tuple)) else None)}
+        if dicom is not None:
+            src_meta["series_uid"] = dicom.series_uid
 
         plan = self._plan_for(vol)  # the one plan of this call: nothing below plans again
         if on_device:
-            return self._segment_on_device(vol, plan, timings, output, return_probabilities)
+            seg = self._segment_on_device(vol, plan, timings, None, return_probabilities)
+            seg.dicom = dicom
+            seg.metadata.update(src_meta)
+            if output is not None:
+                seg.save(output, fmt)
+            return seg
 
         bar = None
         if progress is None:
@@ -245,16 +284,20 @@ class Engine:
                       "skip_rule": None if rule is None else rule.to_dict(),
                       "accum_dtype": mplan.accum_dtype, "sw_batch_size": plan.inference.sw_batch_size,
                       "stitch_threads": mplan.threads, "memory_plan": mplan.to_dict(),
-                      "random_weights": self.artifact.random_weights, **self._overlap_metadata()},
+                      "random_weights": self.artifact.random_weights, **self._overlap_metadata(), **src_meta},
+            dicom=dicom,
         )
         if output is not None:
-            seg.save(output)
+            seg.save(output, fmt)
         return seg
 
-    def plan(self, source, affine=None) -> SegmentationPlan:
+    def plan(self, source, affine=None, series: str | None = None) -> SegmentationPlan:
         """The :class:`~segrt.engine.plan.SegmentationPlan` of ``source`` (a NIfTI path — only its header is read —,
-        a :class:`Volume`, a :class:`RawImage` or an array with ``affine``), without running anything."""
-        if isinstance(source, (str, os.PathLike)):
+        an NRRD file or DICOM input — read whole —, a :class:`Volume`, a :class:`RawImage` or an array with
+        ``affine``), without running anything."""
+        if isinstance(source, (list, tuple)) and len(source) == 1:
+            source = source[0]
+        if isinstance(source, (str, os.PathLike)) and series is None and source_format(source) == "nifti":
             import nibabel as nib
 
             inspect_nifti(source)  # the header's own checks first
@@ -267,7 +310,7 @@ class Engine:
             channels = 1 if len(shape) == 3 else int(shape[3])
             n_vox = int(np.prod(shape[:3]))
             return self._make_plan(np.asarray(img.affine, np.float64), shape[:3], channels, 4 * channels * n_vox)
-        vol = self._as_volume(source, affine, on_device=False)
+        vol = self._as_volume(source, affine, on_device=False, series=series)
         return self._plan_for(vol)
 
     def _plan_for(self, vol) -> SegmentationPlan:
