@@ -105,8 +105,17 @@ def run_demo(out_dir="segrt-demo", orientation: str = "LPS", spacing=(0.9, 0.9, 
     if not quiet:
         print_timings(seg.timings)
     say("")
+    preview_path, files = out / "preview.png", [img_path, truth_path, lab_path]
+    try:
+        seg.write_preview(preview_path, title=f"segrt demo: phantom CT, mean Dice {mean:.3f}")
+        files.append(preview_path)
+    except OutputError as exc:  # matplotlib missing: the demo itself has succeeded
+        preview_path = None
+        say(f"(no preview.png: {exc})")
     say(f"files in {out.resolve()}:")
-    for p in (img_path, truth_path, lab_path):
+    for p in files:
         say(f"  {p.name}")
+    if preview_path is not None:
+        say(f"preview: {preview_path.resolve()}")
     return {"dice": dice, "mean_dice": mean, "timings": seg.timings, "labels_path": str(lab_path),
-            "artifact": str(art)}
+            "preview_path": None if preview_path is None else str(preview_path), "artifact": str(art)}

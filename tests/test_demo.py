@@ -35,6 +35,9 @@ def test_demo_dice(orientation, spacing, cache, tmp_path):
     res = run_demo(tmp_path / "demo", orientation=orientation, spacing=spacing, seed=21, quiet=True, device="cpu")
     assert res["mean_dice"] >= 0.9, res["dice"]
     assert (tmp_path / "demo" / "phantom_labels.nii.gz").is_file()
+    pytest.importorskip("matplotlib")
+    assert res["preview_path"] == str(tmp_path / "demo" / "preview.png")
+    assert (tmp_path / "demo" / "preview.png").read_bytes()[:4] == b"\x89PNG"
     assert str(cache) in res["artifact"]
 
 
@@ -47,4 +50,5 @@ def test_demo_cli_reuses_cached_artifact(cache, tmp_path):
                                                                           "SEGRT_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr
     assert "mean" in r.stdout and "phantom_labels.nii.gz" in r.stdout
+    assert "preview.png" in r.stdout
     assert "exporting the demo bundle" not in r.stdout  # cached by the earlier tests

@@ -39,8 +39,8 @@ class OrtCudaBackend(OrtSessionBackend):
         if CUDA_EP not in available:
             raise BackendUnavailable(
                 f"ort-cuda: this onnxruntime ({ort.__version__}) has no {CUDA_EP} (available: "
-                f"{', '.join(available)}); install onnxruntime-gpu (pip install 'segrt[gpu]') in place of "
-                f"onnxruntime")
+                f"{', '.join(available)}); install onnxruntime-gpu in place of onnxruntime "
+                f"(pip uninstall -y onnxruntime && pip install onnxruntime-gpu)")
         self.threads = None
         self.device = "cuda"
         self.device_id = int(device_id)

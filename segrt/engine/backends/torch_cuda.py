@@ -125,7 +125,8 @@ class TorchCudaBackend(Backend):
             raise BackendUnavailable(f"torch-cuda needs torch, which is not importable: {exc}") from None
         if not torch.cuda.is_available():
             raise BackendUnavailable(f"torch-cuda: torch {torch.__version__} sees no CUDA device "
-                                     f"(torch.cuda.is_available() is False)")
+                                     f"(torch.cuda.is_available() is False; the GPU backends need a CUDA build of torch and "
+                                     f"pip install 'segrt[gpu]')")
 
     @classmethod
     def from_artifact(cls, artifact, *, device: str = "cuda", fp16: bool = True, max_batch: int | None = None,
