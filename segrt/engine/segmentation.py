@@ -63,6 +63,8 @@ def check_run_output(output, source, artifact_dir=None, fmt: str | None = None) 
     from segrt.errors import OutputError
     from segrt.imageio import output_format
 
+    if output is None or str(output) == "":
+        check_output_file(output, what="output")  # the "path is empty" error
     kind = output_format(output, fmt)
     src_fmt = check_run_input(source)
     if kind == "dicom-seg" and src_fmt != "dicom":
