@@ -8,6 +8,9 @@
 
 Errors of segrt (``SegrtError``) print one line ``segrt: error: ...`` and exit with status 2; no traceback,
 and no partial output file is left behind (outputs are written to a temporary name and renamed).
+
+Size: over 400 lines because of 'segrt run''s options (devices, memory, clinical inputs and outputs) and their
+up-front checks, each one line of help; the work itself is one library call per subcommand.
 """
 
 from __future__ import annotations
