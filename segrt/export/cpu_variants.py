@@ -131,13 +131,16 @@ def ct_spec(spec) -> bool:
 
 def gate_cpu_variant(variant: str, fp32_path, spec, *, samples: int = 2, batch: int = 2, seed: int = 0,
                      run=None, reference=None, threads: int | None = None, model_path=None,
-                     calibration: list | None = None) -> dict:
+                     calibration: list | None = None, ct_batches: list | None = None,
+                     random_report: bool = True) -> dict:
     """Gate ``variant`` against ONNX Runtime fp32 on CT-like patches; return the report (never raises on a fail).
 
     ``run`` / ``reference`` (callables ``np → np``) replace the variant's backend / the ORT fp32 reference
     (tests use ``run`` to gate a deliberately broken variant). Raises :class:`ExportError` when the variant
     cannot be run here at all (e.g. openvino missing, no native bf16). ``model_path``: the variant's own model
     file (default: the fp32 ONNX). ``calibration``: batches of windows of the user's scans, gated as well.
+    ``ct_batches``: the CT-like batches when the caller made them already. ``random_report``: also run the
+    standard-normal patches (reported, not gated; ``export`` leaves them out to save time).
     """
     from segrt.export.fp16 import ct_like_patches
     import segrt.export.gate as gm
@@ -174,11 +177,14 @@ def gate_cpu_variant(variant: str, fp32_path, spec, *, samples: int = 2, batch: 
     try:
         ct = None
         if int(spec.in_channels) == 1:
-            ct = compare_runs(ref_fn, run, ct_like_patches(spec, samples, batch, seed + 1), spec.num_classes)
+            batches = ct_batches if ct_batches is not None else ct_like_patches(spec, samples, batch, seed + 1)
+            ct = compare_runs(ref_fn, run, batches, spec.num_classes)
         if calibration:
             cal = compare_runs(ref_fn, run, calibration, spec.num_classes)
-        rnd = compare_runs(ref_fn, run, gm._patches(seed, samples, (batch, int(spec.in_channels), *roi)),
-                           spec.num_classes)
+        rnd = None
+        if random_report:
+            rnd = compare_runs(ref_fn, run, gm._patches(seed, samples, (batch, int(spec.in_channels), *roi)),
+                               spec.num_classes)
     finally:
         if backend is not None:
             backend.close()
@@ -218,7 +224,8 @@ def gate_cpu_variant(variant: str, fp32_path, spec, *, samples: int = 2, batch: 
                         "gated": ct_gated}} if ct is not None else {}),
         **({"calibration": {**cal, "input_distribution": "windows of the user's calibration scans after the "
                                                          "spec's preprocessing"}} if cal is not None else {}),
-        "random": {**rnd, "input_distribution": "standard normal float32 (logit report only, not gated)"},
+        **({"random": {**rnd, "input_distribution": "standard normal float32 (logit report only, not gated)"}}
+           if rnd is not None else {}),
         "worst_class_dice": min(worst) if worst else None, "worst_class": pcd["worst_class"],
         "max_abs_logit_diff": main["max_abs_logit_diff"], "argmax_agreement": main["argmax_agreement"],
         "seconds_per_window": float(np.median([r["seconds_per_window"] for r in timed])),
@@ -255,6 +262,18 @@ def add_cpu_variants(tmp, spec, fp32_entry: dict, models: dict, gates: dict, cpu
 
         say("reading the calibration scans")
         cal = calibration_patches(spec, calibration, samples, batch, seed=seed + 7)
+    ct = ct_like_patches(spec, samples, batch, seed + 1) if int(spec.in_channels) == 1 else None
+    reference = None
+    if len(cpu_variants) > 1:  # one ONNX Runtime fp32 pass per batch, shared by the variants' gates
+        fp32 = _ort_fp32(Path(tmp) / fp32_entry["path"])
+        memo: dict[int, np.ndarray] = {}
+
+        def shared(x):
+            if id(x) not in memo:
+                memo[id(x)] = fp32(x)
+            return memo[id(x)]
+
+        reference = shared
     io_keys = ("input_name", "output_name", "input_shape", "output_shape", "opset", "fixed_batch")
     for variant in cpu_variants:
         if variant not in CPU_VARIANTS:
@@ -287,7 +306,8 @@ def add_cpu_variants(tmp, spec, fp32_entry: dict, models: dict, gates: dict, cpu
                                "note": "the fp32 ONNX, run by OpenVINO's CPU plugin with INFERENCE_PRECISION_HINT=bf16"}
         say(f"gating {variant}")
         report = gate_cpu_variant(variant, Path(tmp) / fp32_entry["path"], spec, samples=samples, seed=seed,
-                                  batch=batch, model_path=model_path, calibration=cal)
+                                  batch=batch, model_path=model_path, calibration=cal, ct_batches=ct,
+                                  reference=reference, random_report=False)
         gates[variant] = report
         if not report["passed"]:
             warnings.warn(f"CPU variant {variant} failed its accuracy gate and will not be used: "
