@@ -141,7 +141,37 @@ def _check_sources(source_datasets, shape: tuple[int, ...]) -> list:
         raise OutputError(f"labels shape (X, Y, Z) = {tuple(shape)} does not match the source series grid "
                           f"(columns, rows, slices) = {expected}; the labels must be on the source grid, "
                           f"in its slice order")
-    return srcs
+    return [_with_type2_attributes(ds) for ds in srcs]
+
+
+#: Type 2 attributes of the Patient and General Study modules that highdicom copies from the source into the SEG:
+#: they must be present but may be empty, and real (anonymised) series often lack some of them
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _with_type2_attributes(ds):
+    """``ds``, or a shallow copy of it with the missing :data:`_TYPE2` attributes present and empty (the source's
+    own datasets are never modified)."""
+    missing = [k for k in _TYPE2 if k not in ds]
+    if not missing:
+        return ds
+    from pydicom.dataset import Dataset
+
+    out = Dataset()  # a new element dictionary sharing the (unmodified) elements
+    for elem in ds:
+        out.add(elem)
+    if hasattr(ds, "file_meta"):
+        out.file_meta = ds.file_meta
+    for attr in ("is_little_endian", "is_implicit_VR"):
+        if getattr(ds, attr, None) is not None:
+            try:
+                setattr(out, attr, getattr(ds, attr))
+            except Exception:  # noqa: BLE001 - deprecated/removed in newer pydicom
+                pass
+    for k in missing:
+        setattr(out, k, "")
+    return out
 
 
 def _text(value: str, limit: int = _LO_MAX) -> str:

@@ -150,6 +150,19 @@ def test_source_datasets_without_pixel_data(tmp_path):
     _check_read_back(out, labels, srcs, NAMES, [1, 2, 3, 5, 6])
 
 
+def test_sources_missing_type2_patient_and_study_attributes(tmp_path):
+    """Anonymised series often lack PatientBirthDate, AccessionNumber...: the SEG is written with them empty, and the
+    caller's datasets are left as they were."""
+    srcs = make_series()
+    for ds in srcs:
+        for k in ("PatientBirthDate", "PatientSex", "AccessionNumber", "ReferringPhysicianName", "StudyID"):
+            delattr(ds, k)
+    labels = make_labels()
+    out = write_dicom_seg(labels, srcs, tmp_path / "seg.dcm", NAMES)
+    _check_read_back(out, labels, srcs, NAMES, [1, 2, 3, 5, 6])
+    assert all("PatientBirthDate" not in ds for ds in srcs)
+
+
 _VOLATILE = {"SOPInstanceUID", "SeriesInstanceUID", "MediaStorageSOPInstanceUID", "ContentDate", "ContentTime",
              "SeriesDate", "SeriesTime", "InstanceCreationDate", "InstanceCreationTime", "ContributionDateTime",
              "DimensionOrganizationUID", "TrackingUID", "PixelData"}
