@@ -564,6 +564,9 @@ def export(source, out_dir, *, spec=None, random_init: bool = False, overrides: 
             used_opset = entry.get("opset")
         models = {"fp32": entry}
         gates = {"fp32": report}
+        from segrt.export.gate import release_memory
+
+        release_memory()
         _extra_variants(tmp, model, the_spec, entry, models, gates, variants=variants,
                         torch_program=torch_program, tensorrt=tensorrt, gate_samples=int(gate_samples),
                         trt_timing_cache=trt_timing_cache)

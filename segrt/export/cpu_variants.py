@@ -47,6 +47,7 @@ import warnings
 import numpy as np
 
 from segrt.errors import ExportError
+from segrt.export.gate import _abs_diff_stats
 
 __all__ = ["CPU_VARIANTS", "MIN_CLASS_DICE", "MIN_CLASS_VOXELS", "per_class_dice", "compare_runs",
            "gate_cpu_variant", "add_cpu_variants", "auto_cpu_variants"]
@@ -99,13 +100,14 @@ def compare_runs(ref_fn, got_fn, batches, num_classes: int, min_voxels: int = MI
         if r.shape != g.shape:
             raise ExportError(f"outputs differ in shape: reference {list(r.shape)}, variant {list(g.shape)}")
         finite &= bool(np.isfinite(g).all())
-        d = np.abs(r - g)
-        max_abs = max(max_abs, float(np.nanmax(d)))
-        sum_abs += float(np.nansum(d, dtype=np.float64))
-        count += d.size
-        scale = max(scale, float(np.abs(r).max()))
-        ref_labels.append(r.argmax(1).astype(np.int32))
-        got_labels.append(g.argmax(1).astype(np.int32))
+        m, total = _abs_diff_stats(r, g)  # one class at a time: no full-size temporaries
+        max_abs = max(max_abs, m)
+        sum_abs += total
+        count += r.size
+        scale = max(scale, abs(float(r.max())), abs(float(r.min())))
+        ref_labels.append(r.argmax(1).astype(np.int16 if r.shape[1] < 2 ** 15 else np.int32))
+        got_labels.append(g.argmax(1).astype(np.int16 if g.shape[1] < 2 ** 15 else np.int32))
+        del g
     ref_l = np.concatenate([x.ravel() for x in ref_labels])
     got_l = np.concatenate([x.ravel() for x in got_labels])
     pcd = per_class_dice(ref_l, got_l, num_classes, min_voxels)
@@ -254,8 +256,13 @@ def add_cpu_variants(tmp, spec, fp32_entry: dict, models: dict, gates: dict, cpu
 
     from segrt.export.fp16 import ct_like_patches
 
+    from segrt.export.gate import release_memory
+
     say = progress or (lambda msg: None)
-    batch = fp32_entry.get("fixed_batch", 2)
+    # one window per batch (half the memory of two; the fp32 gate has checked the dynamic batch already), twice as
+    # many batches; a fixed-batch model runs its batch
+    batch = fp32_entry.get("fixed_batch", 1)
+    samples = samples * 2 if batch == 1 else samples
     cal = None
     if calibration is not None:
         from segrt.export.calibration import calibration_patches
@@ -263,17 +270,16 @@ def add_cpu_variants(tmp, spec, fp32_entry: dict, models: dict, gates: dict, cpu
         say("reading the calibration scans")
         cal = calibration_patches(spec, calibration, samples, batch, seed=seed + 7)
     ct = ct_like_patches(spec, samples, batch, seed + 1) if int(spec.in_channels) == 1 else None
-    reference = None
-    if len(cpu_variants) > 1:  # one ONNX Runtime fp32 pass per batch, shared by the variants' gates
-        fp32 = _ort_fp32(Path(tmp) / fp32_entry["path"])
-        memo: dict[int, np.ndarray] = {}
+    # ONNX Runtime fp32 on every gate batch first, then its session is dropped: the variants' runtimes never hold
+    # their memory beside ORT's, and the variants share the one reference pass
+    fp32 = _ort_fp32(Path(tmp) / fp32_entry["path"])
+    memo = {id(x): fp32(x) for x in (ct or []) + (cal or [])}
+    del fp32
+    release_memory()
 
-        def shared(x):
-            if id(x) not in memo:
-                memo[id(x)] = fp32(x)
-            return memo[id(x)]
+    def reference(x):
+        return memo[id(x)]
 
-        reference = shared
     io_keys = ("input_name", "output_name", "input_shape", "output_shape", "opset", "fixed_batch")
     for variant in cpu_variants:
         if variant not in CPU_VARIANTS:
@@ -309,6 +315,7 @@ def add_cpu_variants(tmp, spec, fp32_entry: dict, models: dict, gates: dict, cpu
                                   batch=batch, model_path=model_path, calibration=cal, ct_batches=ct,
                                   reference=reference, random_report=False)
         gates[variant] = report
+        release_memory()
         if not report["passed"]:
             warnings.warn(f"CPU variant {variant} failed its accuracy gate and will not be used: "
                           f"{report['reason']}", UserWarning, stacklevel=3)

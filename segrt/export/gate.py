@@ -50,10 +50,26 @@ def _session(onnx_path):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # no arena: a gate runs a handful of batches, and the arena would keep its largest ones for the whole export
+    opts.enable_cpu_mem_arena = False
     try:
         return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         raise ExportError(f"ONNX Runtime cannot load {onnx_path}: {type(exc).__name__}: {exc}") from exc
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the system between export stages (glibc keeps it otherwise, and the next
+    stage's peak adds to it). A no-op where glibc's ``malloc_trim`` is not available."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
 
 
 def _run_onnx(session, x: np.ndarray) -> np.ndarray:
