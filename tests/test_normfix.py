@@ -74,6 +74,7 @@ def test_no_instance_norm_leaves_the_model_unchanged(tmp_path):
 def test_export_rewrites_only_when_the_fused_form_fails_its_gate(tmp_path, monkeypatch):
     import segrt.export.gate as gm
 
+    pytest.importorskip("openvino")
     torch.manual_seed(4)
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.InstanceNorm3d(4, affine=True),
                               torch.nn.ReLU(), torch.nn.Conv3d(4, 3, 1)).eval()
@@ -96,7 +97,7 @@ def test_export_rewrites_only_when_the_fused_form_fails_its_gate(tmp_path, monke
         return report
 
     monkeypatch.setattr(gm, "run_gate", first_fails)
-    art = export(net, tmp_path / "fixed", spec=spec)
+    art = export(net, tmp_path / "fixed", spec=spec, cpu_variants=("openvino-int8",))
     a = Artifact.load(art)
     entry = a.manifest["models"]["fp32"]
     assert calls == [False, True]
@@ -105,3 +106,8 @@ def test_export_rewrites_only_when_the_fused_form_fails_its_gate(tmp_path, monke
     ops = {n.op_type for n in onnx.load(str(art / entry["path"])).graph.node}
     assert "InstanceNormalization" not in ops and "ReduceMean" in ops
     a.model_path("fp32")  # the recorded hash is the rewritten file's
+    # OpenVINO's variants start from the fused form, kept beside it
+    assert entry["instance_norm"]["fused_path"] == "model_fp32_fused.onnx"
+    q = onnx.load(str(art / a.manifest["models"]["openvino-int8"]["path"]))
+    assert "InstanceNormalization" in {n.op_type for n in q.graph.node}
+    a.model_path("openvino-int8")

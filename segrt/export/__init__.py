@@ -334,6 +334,7 @@ def _onnx_source(src: Path, tmp: Path, spec: Spec, gate_samples: int) -> tuple[d
 
 
 MODEL_FP16 = "model_fp16.onnx"
+MODEL_FP32_FUSED = "model_fp32_fused.onnx"  # the fused-norm fp32 ONNX, kept for OpenVINO when ORT's is rewritten
 MODEL_PLAN = "model.plan"
 
 
@@ -352,6 +353,7 @@ def _retry_with_accurate_norms(model, tmp: Path, entry: dict, report: dict, gate
     if not any(n.op_type == "InstanceNormalization" for n in m.graph.node):
         raise GateFailed(f"accuracy gate failed (torch vs ONNX Runtime): {problems}", report)
     say("the fp32 gate failed with ONNX Runtime's fused instance norm; retrying with the staged two-pass form")
+    shutil.copyfile(tmp / MODEL_FP32, tmp / MODEL_FP32_FUSED)  # OpenVINO's variants run the fused form
     n = decompose_instance_norms(m)
     onnx.save(m, str(tmp / MODEL_FP32))
     del m
@@ -359,7 +361,8 @@ def _retry_with_accurate_norms(model, tmp: Path, entry: dict, report: dict, gate
     entry = {**entry, "sha256": sha256_file(tmp / MODEL_FP32),
              "instance_norm": {"form": "staged two-pass (segrt.export.normfix)", "rewritten": n,
                                "why": f"the fused InstanceNormalization failed the fp32 gate: {problems}",
-                               "fused_gate": fused}}
+                               "fused_gate": fused, "fused_path": MODEL_FP32_FUSED,
+                               "fused_sha256": sha256_file(tmp / MODEL_FP32_FUSED)}}
     report = run_gate(model, tmp / MODEL_FP32, **gate_kw)  # raises GateFailed when it fails again
     report["note"] = "gated after the instance-norm rewrite; the fused form's figures are in models.fp32.instance_norm"
     return entry, report

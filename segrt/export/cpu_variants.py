@@ -284,7 +284,11 @@ def add_cpu_variants(tmp, spec, fp32_entry: dict, models: dict, gates: dict, cpu
     for variant in cpu_variants:
         if variant not in CPU_VARIANTS:
             raise ExportError(f"unknown CPU variant {variant!r}; expected one of {', '.join(CPU_VARIANTS)}")
-        model_path = None
+        # OpenVINO runs the fused-norm form when the fp32 ONNX had its instance norms rewritten for ORT
+        fused = (fp32_entry.get("instance_norm") or {}).get("fused_path")
+        source = {"path": fused, "sha256": fp32_entry["instance_norm"]["fused_sha256"]} if fused else \
+            {"path": fp32_entry["path"], "sha256": fp32_entry["sha256"]}
+        model_path = Path(tmp) / source["path"]
         if variant == "openvino-int8":
             from segrt.artifact import sha256_file
             from segrt.export.int8 import MODEL_INT8, quantize_int8
@@ -297,7 +301,7 @@ def add_cpu_variants(tmp, spec, fp32_entry: dict, models: dict, gates: dict, cpu
                 raise ExportError(f"int8 needs calibration windows: a {spec.in_channels}-channel model has no "
                                   f"synthetic CT calibration; export with --calibration DIR")
             say(f"quantizing to int8 on {sum(w.shape[0] for w in windows)} calibration windows")
-            info = quantize_int8(Path(tmp) / fp32_entry["path"], Path(tmp) / MODEL_INT8, windows,
+            info = quantize_int8(model_path, Path(tmp) / MODEL_INT8, windows,
                                  input_name=fp32_entry.get("input_name", "input"))
             info["calibrated_on"] = "the user's scans" if cal is not None else "synthetic CT-like patches"
             model_path = Path(tmp) / MODEL_INT8
@@ -306,10 +310,10 @@ def add_cpu_variants(tmp, spec, fp32_entry: dict, models: dict, gates: dict, cpu
                                "runtime": "openvino", "inference_precision": "int8 (QDQ) / f32",
                                "note": "int8 QDQ ONNX run by OpenVINO's CPU plugin"}
         else:
-            models[variant] = {**{k: fp32_entry[k] for k in ("path", "sha256", "format") + io_keys
-                                  if k in fp32_entry},
+            models[variant] = {**{k: fp32_entry[k] for k in ("format",) + io_keys if k in fp32_entry}, **source,
                                "runtime": "openvino", "inference_precision": "bf16",
-                               "note": "the fp32 ONNX, run by OpenVINO's CPU plugin with INFERENCE_PRECISION_HINT=bf16"}
+                               "note": "the fp32 ONNX" + (" with its fused instance norms" if fused else "") +
+                                       ", run by OpenVINO's CPU plugin with INFERENCE_PRECISION_HINT=bf16"}
         say(f"gating {variant}")
         report = gate_cpu_variant(variant, Path(tmp) / fp32_entry["path"], spec, samples=samples, seed=seed,
                                   batch=batch, model_path=model_path, calibration=cal, ct_batches=ct,

@@ -7,6 +7,8 @@ kernels (VNNI / AMX-INT8 where the CPU has them), which is why the variant is ru
 
 Choices:
 
+* only convolutions are quantized (``op_types_to_quantize``): they are the work, and the calibrator then records
+  only their inputs and outputs (every tensor of a 128³ nnU-Net-style window would need ~20 GB);
 * weights int8 per output channel (``per_channel=True``, symmetric), activations uint8 asymmetric, ranges from
   MinMax calibration on the calibration windows (the user's scans with ``--calibration``, else the synthetic
   CT-like patches), one window per calibration step and ranges folded after each
@@ -100,6 +102,7 @@ def quantize_int8(fp32_path, out_path, batches, input_name: str = "input") -> di
             quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
+                            op_types_to_quantize=["Conv", "ConvTranspose"],
                             extra_options={"CalibStridedMinMax": 1},
                             calibration_providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001
