@@ -195,7 +195,8 @@ def main(argv=None) -> int:
             cmd = [sys.executable, "-m", "segrt.cli", "export", str(ts), "-o", str(art), "--spec", str(spec_path),
                    "--int8", "--calibration", str(cal)]
             r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
-            print(r.stdout, r.stderr[-3000:], flush=True)
+            (work / f"{net}_export.log").write_text(r.stdout + r.stderr)
+            print(r.stdout, "\n".join(ln for ln in r.stderr.splitlines() if "CleanUnused" not in ln)[-3000:], flush=True)
             if r.returncode != 0:
                 raise SystemExit(f"export of {net} failed")
             result["exports"][net] = {"seconds": round(time.perf_counter() - t0, 1),

@@ -4,7 +4,8 @@
     python benchmarks/report.py --print    # prints it instead
 
 Every number in that section comes from a results file written by a benchmark script; this script only
-formats the newest file of each kind (CPU end to end per resolution, CPU runtimes, GPU, brain).
+formats the newest file of each kind (real trained networks, CPU end to end per resolution, CPU runtimes, GPU,
+brain).
 """
 
 from __future__ import annotations
@@ -137,9 +138,38 @@ def brain_section() -> list[str]:
     return out + [""]
 
 
+def real_nets_section() -> list[str]:
+    """Real trained networks on real scans (benchmarks/bench_real_nets.py): one table per network."""
+    path, d = _newest("real_nets_cpu_*.json")
+    if d is None:
+        return []
+    m = d["machine"]
+    out = []
+    for net in dict.fromkeys(r["net"] for r in d["runs"]):
+        ex = d.get("exports", {}).get(net, {})
+        gates = ", ".join(f"{v} {'passed' if g.get('passed') else 'failed'}"
+                          + (f" (worst class Dice {g['worst_class_dice']:.4f})" if g.get("worst_class_dice") else "")
+                          for v, g in ex.get("gates", {}).items() if v != "fp32")
+        exp = (f"; export {ex['seconds']:.0f} s / {ex['peak_rss_gib']:.2f} GiB" if ex.get("seconds") else "")
+        out += [f"**REAL trained network `{net}` on real MRI scans, CPU** (`{path.relative_to(REPO)}`; {m['cpu']}, "
+                f"{m['threads']} threads; gates: {gates}{exp})", "",
+                "| scan | pipeline | backend | s | peak RSS GiB | speed-up vs MONAI | Dice vs MONAI | agreement |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in d["runs"]:
+            if r["net"] != net or "seconds" not in r:
+                continue
+            sp = f"{r['speedup_vs_monai']:.2f}×" if r.get("speedup_vs_monai") else ""
+            dice = f"{r['dice_vs_monai']:.4f}" if "dice_vs_monai" in r else ""
+            agr = f"{r['agreement_vs_monai']:.6f}" if "agreement_vs_monai" in r else ""
+            out.append(f"| {r['scan']} | {r['runner']} | {r.get('backend') or 'torch'} | {r['seconds']:.1f} | "
+                       f"{r['peak_rss_gib']:.2f} | {sp} | {dice} | {agr} |")
+        out.append("")
+    return out
+
+
 def render() -> str:
     lines = [BEGIN, ""]
-    for part in (cpu_section, runtimes_section, gpu_section, brain_section):
+    for part in (real_nets_section, cpu_section, runtimes_section, gpu_section, brain_section):
         lines += part()
     lines.append(END)
     return "\n".join(lines)

@@ -53,6 +53,8 @@ __all__ = ["CPU_VARIANTS", "MIN_CLASS_DICE", "MIN_CLASS_VOXELS", "per_class_dice
            "gate_cpu_variant", "add_cpu_variants", "auto_cpu_variants"]
 
 CPU_VARIANTS = ("openvino-bf16", "openvino-int8")
+#: windows of the user's calibration scans int8's activation ranges are calibrated on (one at a time)
+INT8_CALIBRATION_WINDOWS = 4
 MIN_CLASS_DICE = 0.98
 MIN_CLASS_VOXELS = 1000
 
@@ -273,7 +275,12 @@ def add_cpu_variants(tmp, spec, fp32_entry: dict, models: dict, gates: dict, cpu
     # ONNX Runtime fp32 on every gate batch first, then its session is dropped: the variants' runtimes never hold
     # their memory beside ORT's, and the variants share the one reference pass
     fp32 = _ort_fp32(Path(tmp) / fp32_entry["path"])
-    memo = {id(x): fp32(x) for x in (ct or []) + (cal or [])}
+    memo, per_window = {}, []
+    for x in (ct or []) + (cal or []):
+        t0 = time.perf_counter()
+        memo[id(x)] = fp32(x)
+        per_window.append((time.perf_counter() - t0) / max(1, x.shape[0]))
+    fp32_seconds = float(np.median(per_window)) if per_window else None
     del fp32
     release_memory()
 
@@ -293,8 +300,11 @@ def add_cpu_variants(tmp, spec, fp32_entry: dict, models: dict, gates: dict, cpu
             from segrt.artifact import sha256_file
             from segrt.export.int8 import MODEL_INT8, quantize_int8
 
-            if cal is not None:
-                windows = cal
+            if calibration is not None:  # more windows of the user's scans than the gate uses: ranges need them
+                from segrt.export.calibration import calibration_patches
+
+                windows = calibration_patches(spec, calibration, max(INT8_CALIBRATION_WINDOWS, samples), 1,
+                                              seed=seed + 11)
             elif int(spec.in_channels) == 1:
                 windows = ct_like_patches(spec, max(2, samples), 2, seed + 3)
             else:
@@ -318,6 +328,11 @@ def add_cpu_variants(tmp, spec, fp32_entry: dict, models: dict, gates: dict, cpu
         report = gate_cpu_variant(variant, Path(tmp) / fp32_entry["path"], spec, samples=samples, seed=seed,
                                   batch=batch, model_path=model_path, calibration=cal, ct_batches=ct,
                                   reference=reference, random_report=False)
+        if fp32_seconds is not None:  # the shared reference was computed above: its timing is this one
+            report["fp32_seconds_per_window"] = fp32_seconds
+            for part in ("ct_like", "calibration"):
+                if part in report:
+                    report[part]["reference_seconds_per_window"] = fp32_seconds
         gates[variant] = report
         release_memory()
         if not report["passed"]:
