@@ -48,16 +48,14 @@ the fallback to highdicom alone) belong with the writer they replace a part of.
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 
 from segrt.errors import OutputError, UsageError
-from segrt.safety import temp_name
+from segrt.safety import atomic_write
 
 __all__ = ["write_dicom_seg", "dicomseg_available", "SEG_TYPES", "ANATOMICAL_STRUCTURE"]
 
@@ -468,23 +466,10 @@ def _write_atomically(pydicom, dataset, tail, out: Path) -> None:
         if late:  # the frames are appended after the dataset: nothing may sort after them
             raise OutputError(f"internal error writing the DICOM-SEG: elements {[hex(t) for t in late]} "
                               f"would follow the frames")
-    folder = out.parent if str(out.parent) else Path(".")
-    prefix, suffix = temp_name(out.name, ".dcm")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=str(folder))
-    except OSError as exc:
-        raise OutputError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _dcmwrite(pydicom, f, dataset)
-            if tail is not None:
-                tail.write(f)
-        os.replace(tmp, out)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, (OSError, ValueError, TypeError)):
-            raise OutputError(f"cannot write {str(out)!r}: {exc}") from exc
-        raise
+
+    def write(f):
+        _dcmwrite(pydicom, f, dataset)
+        if tail is not None:
+            tail.write(f)
+
+    atomic_write(out, write, ext=".dcm", translate=(OSError, ValueError, TypeError))

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,7 +54,7 @@ import numpy as np
 
 from segrt.errors import OutputError, VolumeError
 from segrt.niftiheader import check_geometry
-from segrt.safety import temp_name
+from segrt.safety import atomic_write
 from segrt.volume import Volume
 
 __all__ = ["read_nrrd", "save_nrrd_labels", "save_nrrd_volume", "NRRD_EXTS"]
@@ -294,24 +293,9 @@ def _atomic_write(data: np.ndarray, header: dict, path) -> Path:
     """Write ``data`` (file index order) with ``header`` to a temporary name beside ``path``, then rename it."""
     nrrd = _nrrd(writing=True)
     out, folder = _output(path)
-    prefix, suffix = temp_name(out.name, ".nrrd")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=str(folder))
-    except OSError as exc:
-        raise OutputError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            nrrd.write(fh, data, header, compression_level=_GZIP_LEVEL, index_order="F")
-        os.replace(tmp, out)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, (OSError, ValueError, TypeError, UnicodeError)):
-            raise OutputError(f"cannot write {str(out)!r}: {exc}") from exc
-        raise
-    return out
+    return atomic_write(out, lambda fh: nrrd.write(fh, data, header, compression_level=_GZIP_LEVEL,
+                                                   index_order="F"),
+                        ext=".nrrd", translate=(OSError, ValueError, TypeError, UnicodeError))
 
 
 def _ascii_value(text, what: str) -> str:

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import colorsys
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from segrt.errors import OutputError
-from segrt.safety import temp_name
+from segrt.safety import atomic_write
 from segrt.stats import _check_affine, _check_image, _check_labels
 
 __all__ = ["write_preview", "label_colour", "OVERLAY_ALPHA", "MAX_LEGEND"]
@@ -194,23 +193,6 @@ def write_preview(labels: np.ndarray, affine, image: np.ndarray | None, path: st
     if not out.name.lower().endswith(".png") or len(out.name) <= 4:
         raise OutputError(f"preview {str(out)!r} has an unknown extension; expected a name ending with .png")
     fig, _ = _render(labels, affine, image, class_names, title)
-    folder = out.parent if str(out.parent) else Path(".")
-    prefix, suffix = temp_name(out.name, ".png")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=str(folder))
-    except OSError as exc:
-        raise OutputError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI, facecolor=fig.get_facecolor())
-        os.replace(tmp, out)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from exc
-        raise
-    return out
+    return atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=DPI, facecolor=fig.get_facecolor()),
+                        ext=".png")
 

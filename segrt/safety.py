@@ -25,7 +25,8 @@ from typing import Iterable
 
 from segrt.errors import OutputError
 
-__all__ = ["check_output_file", "check_output_dir", "same_file", "temp_name", "format_bytes", "TEMP_PREFIX_CHARS"]
+__all__ = ["check_output_file", "check_output_dir", "same_file", "temp_name", "format_bytes", "atomic_write",
+           "TEMP_PREFIX_CHARS"]
 
 #: characters of the final name kept in a temporary name (``.<name[:40]>.<random>.tmp<ext>``)
 TEMP_PREFIX_CHARS = 40
@@ -34,6 +35,41 @@ TEMP_PREFIX_CHARS = 40
 def temp_name(name: str, ext: str = "") -> tuple[str, str]:
     """``(prefix, suffix)`` for ``tempfile.mkstemp`` of an output called ``name``: hidden, bounded in length."""
     return f".{name[:TEMP_PREFIX_CHARS]}.", f".tmp{ext}"
+
+
+def atomic_write(path: str | os.PathLike, write, *, ext: str = "", mode: str = "wb", by_path: bool = False,
+                 error=OutputError, translate: tuple = (OSError,), encoding: str | None = None,
+                 newline: str | None = None) -> Path:
+    """Write ``path`` all or nothing: ``write`` fills a temporary file beside it (:func:`temp_name`), which is then
+    renamed into place; on any failure (Ctrl-C included) the temporary file is removed and an older ``path`` is
+    left as it was. ``write(fileobj)`` gets the open file (``mode``/``encoding``/``newline``), or with ``by_path``
+    ``write(tmp_path)`` its name (for writers that open files themselves). Exceptions of the ``translate`` types
+    become ``error`` naming the output."""
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    prefix, suffix = temp_name(out.name, ext)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=str(folder))
+    except OSError as exc:
+        raise error(f"cannot write {str(out)!r}: {exc.strerror or exc}") from exc
+    try:
+        if by_path:
+            os.close(fd)
+            write(tmp)
+        else:
+            with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding, "newline": newline})) as f:
+                write(f)
+        os.replace(tmp, out)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, translate):
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise error(f"cannot write {str(out)!r}: {why}") from exc
+        raise
+    return out
 
 
 def _name_max(folder: Path) -> int:

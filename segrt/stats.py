@@ -48,14 +48,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
 from segrt.errors import OutputError, UsageError
-from segrt.safety import temp_name
+from segrt.safety import atomic_write
 
 __all__ = ["label_statistics", "write_statistics", "read_statistics", "select_labels", "parse_label_list",
            "STAT_UNITS", "CSV_COLUMNS"]
@@ -318,24 +317,7 @@ def _json_text(stats: list[dict]) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    prefix, suffix = temp_name(path.name)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=str(folder))
-    except OSError as exc:
-        raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
-        raise
+    atomic_write(path, lambda f: f.write(text), mode="w", encoding="utf-8", newline="")
 
 
 def _kind(path) -> str:

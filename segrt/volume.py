@@ -42,7 +42,6 @@ niftiheader.py.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +50,7 @@ import numpy as np
 from segrt import gzipio
 from segrt.errors import VolumeError
 from segrt.niftiheader import _check_header_block, check_geometry, correct_nifti_header, input_path
-from segrt.safety import temp_name
+from segrt.safety import atomic_write
 
 __all__ = ["Volume", "RawImage", "read_nifti", "load_nifti", "save_labels", "save_volume"]
 
@@ -355,24 +354,8 @@ def _atomic_save(img, path: str | os.PathLike) -> Path:
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise VolumeError(f"output directory does not exist: {str(folder)!r}")
-    prefix, suffix = temp_name(out.name, ext)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=str(folder))
-    except OSError as exc:
-        raise VolumeError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from exc
-    os.close(fd)
-    try:
-        _write_image(img, tmp)
-        os.replace(tmp, out)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, (OSError, ValueError, TypeError)):
-            raise VolumeError(f"cannot write {str(out)!r}: {exc}") from exc
-        raise
-    return out
+    return atomic_write(out, lambda tmp: _write_image(img, tmp), ext=ext, by_path=True, error=VolumeError,
+                        translate=(OSError, ValueError, TypeError))
 
 
 def _make_header(like_header, dtype, affine: np.ndarray, shape: tuple[int, ...]):
