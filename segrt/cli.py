@@ -180,7 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--spacing", type=_triple, default=(0.9, 0.9, 2.5), help="phantom voxel spacing in mm")
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("-q", "--quiet", action="store_true")
-    for parser in (e, r, i, d):  # -v is accepted after the subcommand too
+    from segrt import batch as _batch, serve as _serve  # light modules: their heavy imports are inside
+
+    bt = sub.add_parser("batch", help="segment many scans (files, folders, a CSV/text list) into a folder: "
+                                      "resumable, exactly once, local pool or Ray")
+    _batch.add_arguments(bt)
+    sv = sub.add_parser("serve", help="keep the model loaded and segment scans POSTed over HTTP (localhost)")
+    _serve.add_arguments(sv)
+    for parser in (e, r, i, d, bt, sv):  # -v is accepted after the subcommand too
         _add_verbose(parser, argparse.SUPPRESS)
     return p
 
@@ -369,7 +376,20 @@ def cmd_demo(a) -> int:
     return 0
 
 
-COMMANDS = {"export": cmd_export, "run": cmd_run, "info": cmd_info, "demo": cmd_demo}
+def cmd_batch(a) -> int:
+    from segrt.batch import run_cli
+
+    return run_cli(a)
+
+
+def cmd_serve(a) -> int:
+    from segrt.serve import run_cli
+
+    return run_cli(a)
+
+
+COMMANDS = {"export": cmd_export, "run": cmd_run, "info": cmd_info, "demo": cmd_demo, "batch": cmd_batch,
+            "serve": cmd_serve}
 
 #: packages of the optional extras, and the extra that brings each
 _EXTRA_OF = {"torch": "export", "monai": "export", "onnx": "export", "onnxscript": "export", "einops": "export",
