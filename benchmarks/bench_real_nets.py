@@ -202,6 +202,9 @@ def main(argv=None) -> int:
             result["exports"][net] = {"seconds": round(time.perf_counter() - t0, 1),
                                       "peak_rss_gib": round(int(r.stderr.strip().splitlines()[-1]) / 2 ** 20, 2),
                                       "command": " ".join(cmd[1:])}
+            (work / f"{net}_export.json").write_text(json.dumps(result["exports"][net]))
+        elif (work / f"{net}_export.json").is_file():  # the artifact of an earlier run of this script, reused
+            result["exports"][net] = json.loads((work / f"{net}_export.json").read_text())
         manifest = json.loads((art / "manifest.json").read_text())
         result["exports"].setdefault(net, {})["gates"] = {
             v: {k: g.get(k) for k in ("passed", "reason", "worst_class_dice", "max_abs_logit_diff", "argmax_agreement",

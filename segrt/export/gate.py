@@ -173,6 +173,7 @@ def run_gate(model, onnx_path, *, in_channels: int, roi_size, num_classes: int, 
     if agreement < MIN_ARGMAX_AGREEMENT:
         problems.append(f"argmax agreement {agreement:.6f} < {MIN_ARGMAX_AGREEMENT}")
     report["passed"] = not problems
+    report["problems"] = problems
     if problems and raise_on_fail:
         raise GateFailed("accuracy gate failed (torch vs ONNX Runtime): " + "; ".join(problems), report)
     return report
