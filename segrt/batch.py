@@ -472,10 +472,14 @@ def _run_ray(todo, artifact, load_kwargs, art_sha, options, stop, on_result, add
         raise UsageError("--ray needs Ray: pip install 'segrt[ray]'") from None
     started = False
     if not ray.is_initialized():
-        if address == "local":
-            ray.init(num_cpus=_usable_cpus(), include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
+        try:
+            if address == "local":
+                ray.init(num_cpus=_usable_cpus(), include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=address, log_to_driver=False)
+        except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError...
+            msg = " ".join(str(exc).split())[:300]
+            raise SegrtError(f"cannot start or reach the Ray cluster {address!r}: {msg}") from None
         started = True
     actors = []
     try:
@@ -655,8 +659,8 @@ def _run_locked(a, out_dir: Path, cases: list[Case]) -> int:
                 f.write(json.dumps(rec) + "\n")
             if not a.quiet:
                 bar.write(f"segrt: case {case.name} failed: {res.get('error')}", file=sys.stderr)
-        bar.set_postfix(ok=tally.ok, failed=tally.failed, skipped=tally.skipped)
         bar.update(1)
+        bar.set_postfix(ok=tally.ok, failed=tally.failed, skipped=tally.skipped)
 
     interrupted = False
     with _Stop() as stop:

@@ -222,3 +222,24 @@ def test_ray_missing_is_a_usage_error(small_artifact, scans, tmp_path, monkeypat
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     assert batch(small_artifact, scans, "-o", tmp_path / "o", "--ray", "local") == 2
     assert "pip install 'segrt[ray]'" in capsys.readouterr().err
+
+
+def test_dicom_folder_is_one_case(small_artifact, scans, tmp_path):
+    pytest.importorskip("pydicom")
+    from test_dicom_input import write_series
+
+    from segrt.engine.engine import Engine
+
+    root = tmp_path / "in"
+    stored = np.clip(np.round(ct_like((30, 28, 12), seed=5) + 1024), 0, 4000).astype(np.int16)
+    write_series(root / "patientA" / "series1", stored, pixel_spacing=(1.9, 2.1), slice_spacing=3.1,
+                 intercept=-1024.0)
+    (root / "case0.nii.gz").write_bytes((scans / "case0.nii.gz").read_bytes())
+    out = tmp_path / "out"
+    assert batch(small_artifact, root, "-o", out, "-q", "--device", "cpu") == 0
+    assert set(_summary(out)) == {"series1", "case0"}
+    with Engine.load(small_artifact, device="cpu") as eng:
+        ref = eng.segment(str(root / "patientA" / "series1"), progress=False).labels
+    assert np.array_equal(_labels(out / "series1.nii.gz"), ref)
+    assert batch(small_artifact, root, "-o", out, "-q", "--device", "cpu") == 0
+    assert {r["status"] for r in _summary(out).values()} == {"skipped"}
