@@ -163,7 +163,12 @@ def real_nets_section() -> list[str]:
             agr = f"{r['agreement_vs_monai']:.6f}" if "agreement_vs_monai" in r else ""
             out.append(f"| {r['scan']} | {r['runner']} | {r.get('backend') or 'torch'} | {r['seconds']:.1f} | "
                        f"{r['peak_rss_gib']:.2f} | {sp} | {dice} | {agr} |")
-        out.append("")
+        out += ["", "_MONAI: the network in torch + MONAI transforms from the same spec + `sliding_window_inference` + "
+                    "labels back on the scan's grid; segrt: `Engine.load` + `segment` (segrt-default = what `segrt run` "
+                    "picks: the fastest variant that passed its gate). Each run in its own process, same threads. "
+                    "Dice (brain class) and agreement vs MONAI's labels: no package ships reference masks for these "
+                    "scans. int8 was calibrated on brain1_image and brain2_image. Networks, scans and licences: "
+                    "`benchmarks/real_nets.py`._", ""]
     return out
 
 

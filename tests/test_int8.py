@@ -143,3 +143,42 @@ def test_int8_of_a_multichannel_net_needs_calibration(tmp_path):
     with pytest.raises(ExportError, match="int8 needs calibration windows.*--calibration"):
         export(net, tmp_path / "art", spec=spec, cpu_variants=("openvino-int8",))
     assert not (tmp_path / "art").exists()
+
+
+class _FixedSize(torch.nn.Module):
+    """Bakes its window size into a reshape: cannot run on half-size crops."""
+
+    def __init__(self, roi):
+        super().__init__()
+        self.roi = roi
+        self.conv = torch.nn.Conv3d(1, K, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.softmax(y.reshape(-1, K, self.roi ** 3), 1).reshape(-1, K, self.roi, self.roi, self.roi)
+
+
+@pytest.mark.parametrize("fixed_size", [False, True])
+def test_int8_calibrates_on_half_size_crops_when_the_network_takes_them(trained, tmp_path, fixed_size):
+    from segrt.export.int8 import quantize_int8
+    from segrt.export.onnx import export_onnx
+    import onnx
+
+    net = _FixedSize(32).eval() if fixed_size else trained[0]
+    export_onnx(net, tmp_path / "m.onnx", in_channels=1, roi_size=(32, 32, 32), num_classes=K)
+    rng = np.random.default_rng(3)
+    batches = [np.stack([_field((32, 32, 32), rng)])[:, None] for _ in range(2)]
+    info = quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", batches)
+    if fixed_size:
+        assert info["calibrated_on"] == "full windows" and info["calibration_windows"] == 2
+    else:
+        assert "half-size crops" in info["calibrated_on"] and info["calibration_windows"] == 16
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    dims = [d.dim_value for d in q.graph.input[0].type.tensor_type.shape.dim[2:]]
+    assert dims == [32, 32, 32]  # the window size is fixed again
+    import onnxruntime as ort
+
+    x = batches[0].astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    ref = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert got.shape == ref.shape and (got.argmax(1) == ref.argmax(1)).mean() > 0.95
