@@ -10,8 +10,9 @@ Per case: ``OUT_DIR/<case>.nii.gz`` (``--format nrrd``: ``.nrrd``) written atomi
 sidecar ``OUT_DIR/<case>.nii.gz.segrt.json`` (atomically too) recording status ``ok``, the input's content sha256
 (a DICOM folder: a hash over its files' names and hashes), the artifact's manifest sha256 (the manifest holds every
 model file's hash), the output's sha256, segrt's version, seconds and windows. A case is **done** when both files
-exist and the recorded input, artifact and output hashes match what is on disk: a rerun skips done cases and redoes
-changed inputs, a changed artifact, or a missing/edited output. One ``segrt batch`` at a time may write an OUT_DIR
+exist and the recorded input, artifact and output hashes (and the options that change labels: ``--no-skip``) match
+what is on disk: a rerun skips done cases and redoes changed inputs, a changed artifact, or a missing/edited output
+(a case to redo loses its sidecar first, so an older output is never taken for a current one). One ``segrt batch`` at a time may write an OUT_DIR
 (a lock file), and stale temporary files of an interrupted run are removed when the next run starts.
 
 Workers:
@@ -31,6 +32,10 @@ are atomic, nothing partial is left), the summary is written and the exit status
 
 Exit status: 0 when every case is ok or skipped, 1 when any case failed, 2 for a usage error (one ``segrt: error:``
 line, nothing run).
+
+Size: over 400 lines because three ways of running cases (in process with a read-ahead thread, a process pool,
+Ray actors) share one case function, one done-check and one signal handler; input discovery (files, walked folders,
+DICOM folders, CSV/text lists) is the rest.
 """
 
 from __future__ import annotations
@@ -640,6 +645,7 @@ def _run_locked(a, out_dir: Path, cases: list[Case]) -> int:
             tally.rows[c.name] = {"case": c.name, "status": "skipped", "output": str(c.output), "error": ""}
             tally.skipped += 1
         else:
+            c.sidecar.unlink(missing_ok=True)  # an older output stays but is no longer 'done' (redone below)
             todo.append(c)
     errors_path = out_dir / "errors.jsonl"
     errors_path.write_text("")  # this run's failures

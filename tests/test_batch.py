@@ -95,12 +95,15 @@ def test_labels_equal_segrt_run(first_run, small_artifact, scans, tmp_path):
     assert img.shape == src.shape and np.allclose(img.affine, src.affine)
 
 
-def test_workers_2_same_labels(first_run, small_artifact, scans, tmp_path):
+def test_workers_2_same_labels(first_run, small_artifact, scans, tmp_path, capsys):
     _, out = first_run
     out2 = tmp_path / "out2"
-    rc = batch(small_artifact, *[scans / f"case{i}.nii.gz" for i in range(4)], "-o", out2, "-q",
+    capsys.readouterr()
+    rc = batch(small_artifact, *[scans / f"case{i}.nii.gz" for i in range(4)], "-o", out2, "--json",
                "--workers", "2", "--device", "cpu")
     assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["cases"], summary["ok"], summary["failed"], summary["skipped"]) == (4, 4, 0, 0)
     for i in range(4):
         assert np.array_equal(_labels(out2 / f"case{i}.nii.gz"), _labels(out / f"case{i}.nii.gz"))
     assert {r["status"] for r in _summary(out2).values()} == {"ok"}
@@ -131,6 +134,9 @@ def test_rerun_skips_done_and_redoes_changed(small_artifact, scans, tmp_path):
     (out / "s0.nii.gz.segrt.json").unlink()  # an output without its sidecar: redone
     assert batch(small_artifact, src, "-o", out, "-q", "--device", "cpu") == 0
     assert {k: r["status"] for k, r in _summary(out).items()} == {"s0": "ok", "s1": "skipped", "s2": "ok"}
+    (src / "s0.nii.gz").write_bytes(b"not a nifti any more")  # fails now: its older output is no longer 'done'
+    assert batch(small_artifact, src, "-o", out, "-q", "--device", "cpu") == 1
+    assert not (out / "s0.nii.gz.segrt.json").exists() and _summary(out)["s0"]["status"] == "failed"
 
 
 def test_csv_and_txt_lists(small_artifact, scans, tmp_path):
