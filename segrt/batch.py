@@ -69,7 +69,7 @@ _TEMP_RE = re.compile(r"^\.(?P<prefix>.+)\.[A-Za-z0-9_]{8}\.tmp")  # safety.temp
 
 
 def _positive_int(text: str) -> int:
-    from segrt.cli import _positive_int as p
+    from segrt.cliargs import positive_int as p
 
     return p(text)
 
@@ -321,7 +321,7 @@ def process_case(eng, case: Case, art_sha: str, artifact: str, options: dict) ->
         return {"case": case.name, "status": "ok", "seconds": side["seconds"], "windows": m.get("windows"),
                 "output": str(case.output), "error": ""}
     except Exception as exc:  # noqa: BLE001 - one bad scan never stops the others: recorded, reported
-        from segrt.cli import error_line
+        from segrt.cliargs import error_line
 
         return {"case": case.name, "status": "failed", "seconds": round(time.perf_counter() - t0, 3),
                 "windows": None, "output": "", "error": error_line(exc), "error_type": type(exc).__name__}
@@ -341,7 +341,7 @@ def _init_worker(artifact: str, load_kwargs: dict) -> None:
     try:
         _WORKER["engine"] = Engine.load(artifact, **load_kwargs)
     except Exception as exc:  # noqa: BLE001 - reported by the first case instead of a broken pool
-        from segrt.cli import error_line
+        from segrt.cliargs import error_line
 
         _WORKER["error"] = error_line(exc)
 

@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 
-from segrt.errors import SegrtError
+from segrt.cliargs import _positive_int, error_line
 from segrt.report import format_info, print_timings
 
 EXIT_ERROR = 2
@@ -55,16 +55,6 @@ def _overlap(text: str):
     if any(not (0.0 <= v < 1.0) for v in vals):
         raise argparse.ArgumentTypeError(f"overlap must be in [0, 1) (one value or X,Y,Z), got {text!r}")
     return vals
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
 
 
 class _Parser(argparse.ArgumentParser):
@@ -390,36 +380,6 @@ def cmd_serve(a) -> int:
 
 COMMANDS = {"export": cmd_export, "run": cmd_run, "info": cmd_info, "demo": cmd_demo, "batch": cmd_batch,
             "serve": cmd_serve}
-
-#: packages of the optional extras, and the extra that brings each
-_EXTRA_OF = {"torch": "export", "monai": "export", "onnx": "export", "onnxscript": "export", "einops": "export",
-             "openvino": "cpu", "triton": "gpu", "tensorrt": "tensorrt", "matplotlib": "preview",
-             "pydicom": "dicom", "highdicom": "dicom", "nrrd": "nrrd"}
-
-
-def error_line(exc: BaseException) -> str:
-    """The one line the CLI prints for ``exc`` (without the ``segrt: error:`` prefix): segrt's own errors as they
-    are; what a library or the system raised, translated into what was wrong and what to do."""
-    if isinstance(exc, SegrtError):
-        return " ".join(str(exc).split("\n"))
-    if isinstance(exc, ModuleNotFoundError):
-        top = (exc.name or "").split(".")[0]
-        extra = _EXTRA_OF.get(top)
-        if extra:
-            return (f"this command needs {top!r}, which is not installed: install segrt's [{extra}] extra "
-                    f"(pip install 'segrt[{extra}]')")
-        return f"a required module is missing: {exc.name!r} ({exc}); reinstall segrt"
-    if isinstance(exc, MemoryError):
-        return "out of memory: the input needs more RAM than this machine has free (try --max-memory, or a machine " \
-               "with more memory)"
-    if isinstance(exc, OSError):
-        where = f" {exc.filename!r}" if getattr(exc, "filename", None) else ""
-        return f"{exc.strerror or type(exc).__name__}{where}"
-    if isinstance(exc, RecursionError):
-        return "input nested too deeply (recursion limit reached)"
-    msg = " ".join(str(exc).split())[:300]
-    return f"unexpected {type(exc).__name__}: {msg} (run with -v for the traceback; please report it)"
-
 
 def main(argv=None) -> int:
     """Run the CLI; every failure is one ``segrt: error: ...`` line on stderr and exit status 2 (130 on Ctrl-C).

@@ -40,6 +40,9 @@ unrecognised format, 413 too large, 422 for a scan the memory budget cannot fit,
 Binds 127.0.0.1 by default (the server has no authentication); ``--host 0.0.0.0`` works with a warning.
 ``--port 0`` picks a free port; the address is printed as ``segrt serve: listening on http://HOST:PORT``.
 SIGINT / SIGTERM: stop accepting, let the running requests finish (uvicorn's graceful shutdown), close the engine.
+
+Size: over 400 lines because the bounded queue, the streaming upload with its limits, the format sniffing and
+the error mapping are one request path, tested as one.
 """
 
 from __future__ import annotations
@@ -48,7 +51,6 @@ import asyncio
 import concurrent.futures
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -281,7 +283,7 @@ class SegmentService:
     def error_message(self, exc: BaseException) -> str:
         if isinstance(exc, HTTPError):
             return exc.message
-        from segrt.cli import error_line
+        from segrt.cliargs import error_line
 
         return error_line(exc).replace(str(self._tmp_root), "<upload>")
 
