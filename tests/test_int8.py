@@ -130,6 +130,11 @@ def test_runtime_orders_variants_by_the_gate_timing(trained, tmp_path):
         m["gate"][v] = {"passed": True, "seconds_per_window": t}
     (art / "manifest.json").write_text(json.dumps(m))
     assert cpu_variants_by_speed(Artifact.load(art)) == ["openvino-bf16", "openvino-int8"]
+    # int8 only somewhat faster than bf16: bf16 (closer to fp32) first; clearly faster (>= 1.5x): int8 first
+    for t8, want in ((0.075, ["openvino-bf16", "openvino-int8"]), (0.06, ["openvino-int8", "openvino-bf16"])):
+        m["gate"]["openvino-int8"]["seconds_per_window"] = t8
+        (art / "manifest.json").write_text(json.dumps(m))
+        assert cpu_variants_by_speed(Artifact.load(art)) == want
     del m["gate"]["openvino-bf16"]["seconds_per_window"]
     (art / "manifest.json").write_text(json.dumps(m))
     assert cpu_variants_by_speed(Artifact.load(art)) == ["openvino-int8", "openvino-bf16"]

@@ -103,18 +103,41 @@ def _cpu_choice(device: str, artifact, variant, threads, rejected: list[str]):
     return _make("cpu", artifact, variant, threads)
 
 
+#: a lower-precision CPU variant is preferred to a higher-precision one only when its gate measured it at least this
+#: much faster per window: on the real networks of benchmarks/results/real_nets_cpu_2026-12-02.json int8 disagreed
+#: with MONAI's labels 5-20x more than bf16 (brain Dice vs MONAI 0.992-0.998 against 0.9996-0.9998) while its
+#: gate-measured network time was only 1.26x (deepbet) or 0.83x (HD-BET) of bf16's, and end to end it was no faster
+MIN_SPEEDUP_FOR_LOWER_PRECISION = 1.5
+#: precision rank of the CPU variants (higher: closer to fp32)
+_PRECISION_RANK = {"openvino-bf16": 1, "openvino-int8": 0}
+
+
 def cpu_variants_by_speed(artifact) -> list[str]:
-    """The artifact's reduced-precision CPU variants, fastest first by the per-window time their export-time gate
-    measured (``gate[v].seconds_per_window``); untimed ones after, in :data:`CPU_ORDER`."""
+    """The artifact's reduced-precision CPU variants in the order the runtime tries them: by the per-window time their
+    export-time gate measured (``gate[v].seconds_per_window``), fastest first, except that a lower-precision variant
+    goes ahead of a higher-precision one only when at least :data:`MIN_SPEEDUP_FOR_LOWER_PRECISION` times faster;
+    untimed ones after, in :data:`CPU_ORDER`."""
+    import functools
+
     gates = artifact.manifest.get("gate", {})
     present = [k for k in CPU_ORDER if k in artifact.variants]
 
-    def key(kind):
+    def seconds(kind):
         t = gates.get(kind, {}).get("seconds_per_window") if isinstance(gates.get(kind), dict) else None
-        ok = isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0
-        return (0, float(t), CPU_ORDER.index(kind)) if ok else (1, 0.0, CPU_ORDER.index(kind))
+        return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 else None
 
-    return sorted(present, key=key)
+    def cmp(a, b):
+        ta, tb = seconds(a), seconds(b)
+        if ta is None or tb is None:
+            return (ta is None) - (tb is None) or CPU_ORDER.index(a) - CPU_ORDER.index(b)
+        ra, rb = _PRECISION_RANK.get(a, 0), _PRECISION_RANK.get(b, 0)
+        if ra != rb:  # the more precise one first unless the other is clearly faster
+            hi, lo, t_hi, t_lo = (a, b, ta, tb) if ra > rb else (b, a, tb, ta)
+            first = lo if t_hi >= MIN_SPEEDUP_FOR_LOWER_PRECISION * t_lo else hi
+            return -1 if first == a else 1
+        return (ta > tb) - (ta < tb)
+
+    return sorted(present, key=functools.cmp_to_key(cmp))
 
 
 def _describe(backend) -> str:
