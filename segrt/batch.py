@@ -130,12 +130,9 @@ def _is_dicom_file(p: Path) -> bool:
         return True
     if _has_ext(p.name, _IMAGE_EXTS):
         return False
-    try:
-        with open(p, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
+    from segrt.imageio import _has_dicm_magic
+
+    return _has_dicm_magic(p)
 
 
 def _visible_files(folder: Path) -> list[Path]:
