@@ -244,9 +244,11 @@ def main(argv=None) -> int:
                 if mon and r.get("net") == net and r.get("scan") == scan and "seconds" in r and r is not mon:
                     r["speedup_vs_monai"] = round(mon["seconds"] / r["seconds"], 2)
                     r["rss_vs_monai"] = round(r["peak_rss_gib"] / mon["peak_rss_gib"], 2)
-    if Path(a.out).is_file():  # keep the rows of the networks not rerun this time
+    if Path(a.out).is_file():  # keep the rows of the (network, scan) pairs not rerun this time
         old = json.loads(Path(a.out).read_text())
-        result["runs"] = [r for r in old.get("runs", []) if r.get("net") not in a.nets] + result["runs"]
+        rerun = {(n, sc) for n in a.nets for sc in a.scans}
+        result["runs"] = [r for r in old.get("runs", []) if (r.get("net"), r.get("scan")) not in rerun] + \
+            result["runs"]
         for net, e in old.get("exports", {}).items():
             result["exports"].setdefault(net, e)
     Path(a.out).write_text(json.dumps(result, indent=2))
