@@ -165,16 +165,27 @@ def real_nets_section() -> list[str]:
                        f"{r['peak_rss_gib']:.2f} | {sp} | {dice} | {agr} |")
         out += ["", "_MONAI: the network in torch + MONAI transforms from the same spec + `sliding_window_inference` + "
                     "labels back on the scan's grid; segrt: `Engine.load` + `segment` (segrt-default = what `segrt run` "
-                    "picks: the fastest variant that passed its gate). Each run in its own process, same threads. "
+                    "picks: the fastest variant that passed its gate, int8 only when >= 1.5x faster than bf16). Each run in its own process, same threads. "
                     "Dice (brain class) and agreement vs MONAI's labels: no package ships reference masks for these "
                     "scans. int8 was calibrated on brain1_image and brain2_image. Networks, scans and licences: "
                     "`benchmarks/real_nets.py`._", ""]
     return out
 
 
+def export_section() -> list[str]:
+    path, d = _newest("export_cpu_*.json")
+    if d is None:
+        return []
+    stages = ", ".join(f"{s['stage']} {s['seconds']:.0f} s / {s['peak_rss_gib']:.2f} GiB" for s in d["stages"])
+    return [f"**`segrt export` of the {d['bundle']} bundle** (`{path.relative_to(REPO)}`; {d['machine']['cpu']}, "
+            f"{d['machine']['threads']} threads): {d['wall_seconds_incl_imports']:.0f} s wall including imports, "
+            f"peak RSS {d['peak_rss_gib']:.2f} GiB, CPU variants built by default: "
+            f"{', '.join(d['cpu_variants']) or 'none'} (stages: {stages}).", ""]
+
+
 def render() -> str:
     lines = [BEGIN, ""]
-    for part in (real_nets_section, cpu_section, runtimes_section, gpu_section, brain_section):
+    for part in (real_nets_section, export_section, cpu_section, runtimes_section, gpu_section, brain_section):
         lines += part()
     lines.append(END)
     return "\n".join(lines)
