@@ -77,37 +77,18 @@ def rss_bytes() -> int:
 
 
 def measure_workspace(backend, batch: int) -> int:
-    """The backend's working memory for a batch of ``batch`` windows: the *peak* RSS growth over two inferences of
-    zeros (each output dropped before the next), sampled every 2 ms while they run. With its arena ONNX Runtime
-    keeps its buffers, so the growth stays after the call; without it (under a budget) the buffers are freed at the
-    end of each call, and only sampling during the call sees them. Includes one output batch (the one the stitcher
-    weights in place)."""
-    import threading
-
+    """The backend's working memory for a batch of ``batch`` windows: the RSS growth over two inferences of
+    zeros, each output dropped before the next. ONNX Runtime allocates its outputs in its arena and keeps the
+    arena, so this includes one output batch (the one the stitcher weights in place) and the steady state."""
     known = backend.capabilities.workspace_bytes
     if known is not None:
         return int(known)
     x = np.zeros((batch, backend.in_channels, *backend.roi_size), dtype=np.float32)
     before = rss_bytes()
-    peak = [before]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            stop.wait(0.002)
-
-    sampler = threading.Thread(target=sample, name="segrt-workspace-rss", daemon=True)
-    sampler.start()
-    try:
-        for _ in range(2):
-            out = backend.infer(x)
-            peak[0] = max(peak[0], rss_bytes())
-            del out
-    finally:
-        stop.set()
-        sampler.join()
-    return max(peak[0] - before, 0)
+    for _ in range(2):
+        out = backend.infer(x)
+        del out
+    return max(rss_bytes() - before, 0)
 
 
 @dataclass

@@ -123,8 +123,7 @@ class Engine:
             log.warning("segrt: warning: artifact %s holds RANDOM weights (exported with --random-init): "
                         "its labels are meaningless", path)
         backend, reason = select_backend(artifact, device=device, variant=variant, threads=threads,
-                                         gpu_batch=gpu_batch, trust_torch_program=trust_torch_program,
-                                         lean_memory=max_memory is not None)
+                                         gpu_batch=gpu_batch, trust_torch_program=trust_torch_program)
         eng = cls(artifact, backend, reason, accum_dtype=accum_dtype)
         eng.skip_empty = bool(skip_empty)
         eng.max_memory = None if max_memory is None else parse_size(max_memory)

@@ -46,8 +46,7 @@ UNTRUSTED_TORCH_PROGRAM = (
     "(segrt run --trust-torch-program) for an artifact you exported or trust")
 
 
-def _make(kind: str, artifact, variant, threads, gpu_batch: int | None = None, trust_torch_program: bool = False,
-          lean_memory: bool = False):
+def _make(kind: str, artifact, variant, threads, gpu_batch: int | None = None, trust_torch_program: bool = False):
     """Construct one backend or raise BackendUnavailable with the reason."""
     if kind == "tensorrt":
         if "tensorrt" not in artifact.variants:
@@ -72,8 +71,7 @@ def _make(kind: str, artifact, variant, threads, gpu_batch: int | None = None, t
     if kind in ("cpu", "ort-cpu"):
         if variant in CPU_ORDER:
             raise BackendUnavailable(f"{variant} is an OpenVINO variant; ONNX Runtime runs fp32 or fp16")
-        return OrtCpuBackend.from_artifact(artifact, variant=variant or "fp32", threads=threads,
-                                           arena=not lean_memory)
+        return OrtCpuBackend.from_artifact(artifact, variant=variant or "fp32", threads=threads)
     if kind == "openvino":
         from segrt.engine.backends.openvino_cpu import OpenVinoCpuBackend
 
@@ -85,7 +83,7 @@ def _make(kind: str, artifact, variant, threads, gpu_batch: int | None = None, t
     raise BackendUnavailable(f"unknown backend {kind!r}")
 
 
-def _cpu_choice(device: str, artifact, variant, threads, rejected: list[str], lean_memory: bool = False):
+def _cpu_choice(device: str, artifact, variant, threads, rejected: list[str]):
     """The CPU backend: with ``variant=None`` the best gated CPU variant, else ONNX Runtime fp32.
 
     Appends to ``rejected`` why each CPU variant of the artifact was not taken (and logs it).
@@ -102,7 +100,7 @@ def _cpu_choice(device: str, artifact, variant, threads, rejected: list[str], le
                 log.info("segrt: device=%s: not %s: %s", device, kind, exc)
     elif variant in CPU_ORDER:
         return _make("openvino", artifact, variant, threads)
-    return _make("cpu", artifact, variant, threads, lean_memory=lean_memory)
+    return _make("cpu", artifact, variant, threads)
 
 
 #: a lower-precision CPU variant is preferred to a higher-precision one only when its gate measured it at least this
@@ -149,7 +147,7 @@ def _describe(backend) -> str:
 
 
 def select_backend(artifact, device: str = "auto", variant: str | None = None, threads: int | None = None,
-                   gpu_batch: int | None = None, trust_torch_program: bool = False, lean_memory: bool = False):
+                   gpu_batch: int | None = None, trust_torch_program: bool = False):
     """Pick and construct a backend for ``artifact``; return ``(backend, reason)``.
 
     ``device``: ``"cpu"`` (the artifact's best CPU variant whose gate passed - OpenVINO bf16 - else ONNX
@@ -165,9 +163,6 @@ def select_backend(artifact, device: str = "auto", variant: str | None = None, t
     variant (refused, with the reason, if its gate did not pass).
     ``gpu_batch``: windows per network call on a GPU backend (default: torch-CUDA max(sw_batch_size, 4), the
     others sw_batch_size); a TensorRT plan takes at most the batch its profile was built for.
-    ``lean_memory``: ONNX Runtime on the CPU runs without its memory arena (what ``Engine.load(max_memory=...)``
-    asks for: the arena keeps the largest intermediate buffers between calls; without it a 105-class 96³ window
-    peaks at 0.66 GiB instead of holding 1.74 GiB — measured on the wholeBody SegResNet).
     ``trust_torch_program``: the torch-CUDA backend loads the artifact's torch program, which unpickles (can run
     code); without this it is refused (``"auto"``/``"cuda"`` go on to the next candidate). ONNX files and TensorRT
     plans are data and need no trust.
@@ -182,7 +177,7 @@ def select_backend(artifact, device: str = "auto", variant: str | None = None, t
     if device == "cpu" or (device == "openvino" and variant is None):
         cpu_rejected: list[str] = []
         try:
-            backend = _cpu_choice(device, artifact, variant, threads, cpu_rejected, lean_memory)
+            backend = _cpu_choice(device, artifact, variant, threads, cpu_rejected)
             if device == "openvino" and backend.name == "ort-cpu":  # no gated OpenVINO variant: OpenVINO fp32
                 backend.close()
                 backend = _make("openvino", artifact, "fp32", threads)
@@ -195,7 +190,7 @@ def select_backend(artifact, device: str = "auto", variant: str | None = None, t
         return backend, reason
     if device in ("ort-cpu", "openvino") + GPU_ORDER:
         try:
-            backend = _make(device, artifact, variant, threads, gpu_batch, trust_torch_program, lean_memory)
+            backend = _make(device, artifact, variant, threads, gpu_batch, trust_torch_program)
         except ArtifactError as exc:
             raise BackendUnavailable(f"device={device}: {exc}") from None
         reason = f"device={device}: {_describe(backend)}"
@@ -218,7 +213,7 @@ def select_backend(artifact, device: str = "auto", variant: str | None = None, t
         return backend, reason
     if device == "cuda":
         raise BackendUnavailable("device=cuda: no GPU backend can run here: " + "; ".join(rejected))
-    backend = _cpu_choice(device, artifact, variant, threads, rejected, lean_memory)
+    backend = _cpu_choice(device, artifact, variant, threads, rejected)
     reason = f"device=auto: picked {_describe(backend)} (rejected " + "; ".join(rejected) + ")"
     log.info("segrt: %s", reason)
     return backend, reason

@@ -83,10 +83,9 @@ class OrtCpuBackend(OrtSessionBackend):
 
     def __init__(self, model_path, in_channels, num_classes, roi_size, max_batch,
                  input_name="input", output_name="output", threads: int | None = None,
-                 fixed_batch: int | None = None, arena: bool = True):
+                 fixed_batch: int | None = None):
         super().__init__(in_channels, num_classes, roi_size, max_batch)
         self.fixed_batch = fixed_batch
-        self.arena = bool(arena)
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - core dependency
@@ -98,7 +97,6 @@ class OrtCpuBackend(OrtSessionBackend):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
-        so.enable_cpu_mem_arena = self.arena  # off under a memory budget: buffers are freed after each call
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=so,
                                                 providers=["CPUExecutionProvider"])
@@ -107,11 +105,10 @@ class OrtCpuBackend(OrtSessionBackend):
         self._bind_io(model_path, input_name, output_name)
 
     @classmethod
-    def from_artifact(cls, artifact, variant: str = "fp32", threads: int | None = None,
-                      arena: bool = True) -> "OrtCpuBackend":
+    def from_artifact(cls, artifact, variant: str = "fp32", threads: int | None = None) -> "OrtCpuBackend":
         entry = artifact.model_entry(variant)
         spec = artifact.spec
         return cls(artifact.model_path(variant, verify=False), spec.in_channels, spec.num_classes,
                    spec.inference.roi_size, spec.inference.sw_batch_size,
                    input_name=entry.get("input_name", "input"), output_name=entry.get("output_name", "output"),
-                   threads=threads, fixed_batch=entry.get("fixed_batch"), arena=arena)
+                   threads=threads, fixed_batch=entry.get("fixed_batch"))
