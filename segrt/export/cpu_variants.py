@@ -265,12 +265,15 @@ def add_cpu_variants(tmp, spec, fp32_entry: dict, models: dict, gates: dict, cpu
     # many batches; a fixed-batch model runs its batch
     batch = fp32_entry.get("fixed_batch", 1)
     samples = samples * 2 if batch == 1 else samples
-    cal = None
-    if calibration is not None:
+    cal = cal_int8 = None
+    if calibration is not None:  # the scans are read and preprocessed once: gate windows and int8's, disjoint
         from segrt.export.calibration import calibration_patches
 
         say("reading the calibration scans")
-        cal = calibration_patches(spec, calibration, samples, batch, seed=seed + 7)
+        n_int8 = max(INT8_CALIBRATION_WINDOWS, samples) if "openvino-int8" in cpu_variants else 0
+        drawn = calibration_patches(spec, calibration, samples * batch + n_int8, 1, seed=seed + 7)
+        cal = [np.concatenate(drawn[i * batch:(i + 1) * batch]) for i in range(samples)]
+        cal_int8 = drawn[samples * batch:]
     ct = ct_like_patches(spec, samples, batch, seed + 1) if int(spec.in_channels) == 1 else None
     # ONNX Runtime fp32 on every gate batch first, then its session is dropped: the variants' runtimes never hold
     # their memory beside ORT's, and the variants share the one reference pass
@@ -288,23 +291,20 @@ def add_cpu_variants(tmp, spec, fp32_entry: dict, models: dict, gates: dict, cpu
         return memo[id(x)]
 
     io_keys = ("input_name", "output_name", "input_shape", "output_shape", "opset", "fixed_batch")
+    # OpenVINO runs the fused-norm form when the fp32 ONNX had its instance norms rewritten for ORT
+    fused = (fp32_entry.get("instance_norm") or {}).get("fused_path")
+    source = {"path": fused, "sha256": fp32_entry["instance_norm"]["fused_sha256"]} if fused else \
+        {"path": fp32_entry["path"], "sha256": fp32_entry["sha256"]}
     for variant in cpu_variants:
         if variant not in CPU_VARIANTS:
             raise ExportError(f"unknown CPU variant {variant!r}; expected one of {', '.join(CPU_VARIANTS)}")
-        # OpenVINO runs the fused-norm form when the fp32 ONNX had its instance norms rewritten for ORT
-        fused = (fp32_entry.get("instance_norm") or {}).get("fused_path")
-        source = {"path": fused, "sha256": fp32_entry["instance_norm"]["fused_sha256"]} if fused else \
-            {"path": fp32_entry["path"], "sha256": fp32_entry["sha256"]}
         model_path = Path(tmp) / source["path"]
         if variant == "openvino-int8":
             from segrt.artifact import sha256_file
             from segrt.export.int8 import MODEL_INT8, quantize_int8
 
-            if calibration is not None:  # more windows of the user's scans than the gate uses: ranges need them
-                from segrt.export.calibration import calibration_patches
-
-                windows = calibration_patches(spec, calibration, max(INT8_CALIBRATION_WINDOWS, samples), 1,
-                                              seed=seed + 11)
+            if cal_int8 is not None:  # more windows of the user's scans than the gate uses: ranges need them
+                windows = cal_int8
             elif int(spec.in_channels) == 1:
                 windows = ct_like_patches(spec, max(2, samples), 2, seed + 3)
             else:
