@@ -229,9 +229,9 @@ def cmd_export(a) -> int:
                   f"argmax agreement {g.get('argmax_agreement', float('nan')):.6f}{extra}")
         if not gate.get("passed") and gate.get("reason"):
             print(f"    ({gate['reason']})")
-    from segrt.engine.backends import cpu_variants_by_speed
+    from segrt.engine.backends import passed_cpu_variants
 
-    usable = [v for v in cpu_variants_by_speed(art) if art.manifest["gate"].get(v, {}).get("passed")]
+    usable = passed_cpu_variants(art)
     print(f"  'segrt run' on the CPU will use: {usable[0] if usable else 'fp32 (ONNX Runtime)'}")
     return 0
 

@@ -60,9 +60,9 @@ def format_info(art) -> str:
         rows.append((f"gate {variant}", ("passed" if g.get("passed") else "FAILED") + "  " + ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in g.items() if k not in ("passed", "thresholds") and not isinstance(v, (dict, list)))))
-    from segrt.engine.backends import cpu_variants_by_speed
+    from segrt.engine.backends import passed_cpu_variants
 
-    usable = [v for v in cpu_variants_by_speed(art) if (m.get("gate", {}).get(v) or {}).get("passed")]
+    usable = passed_cpu_variants(art)
     rows.append(("cpu runs", (f"{usable[0]} (the fastest CPU variant that passed its gate)" if usable
                               else "fp32 (ONNX Runtime): no reduced-precision variant passed its gate")
                  + "; 'segrt run' uses it where this CPU supports it, else falls back saying why"))

@@ -140,6 +140,13 @@ def cpu_variants_by_speed(artifact) -> list[str]:
     return sorted(present, key=functools.cmp_to_key(cmp))
 
 
+def passed_cpu_variants(artifact) -> list[str]:
+    """:func:`cpu_variants_by_speed` restricted to the variants whose export-time gate passed: the first is what
+    ``segrt run`` takes on a CPU that runs it."""
+    gates = artifact.manifest.get("gate", {})
+    return [v for v in cpu_variants_by_speed(artifact) if (gates.get(v) or {}).get("passed")]
+
+
 def _describe(backend) -> str:
     cap = backend.capabilities
     extra = f", {cap.threads} threads" if cap.threads else ""
