@@ -70,6 +70,17 @@ class _ChannelFirst:
     def num_channels(self) -> int:
         return int(self.array.shape[0])
 
+    #: True once :meth:`release` has dropped the voxels.
+    released = False
+
+    def release(self) -> None:
+        """Drop the voxels, keeping shape, dtype, affine, header and path: what the CPU engine does with its own
+        copy of an image file once resampled, under a memory budget (``segrt.engine.Engine.segment``). ``array``
+        becomes a read-only placeholder of the same shape that holds one value; :attr:`released` says so, and
+        whoever needs the intensities again reads the file again (``Segmentation`` does)."""
+        self.array = np.broadcast_to(np.zeros((), self.array.dtype), self.array.shape)
+        self.released = True
+
 
 @dataclass
 class Volume(_ChannelFirst):
@@ -242,6 +253,13 @@ class RawImage(_ChannelFirst):
     affine: np.ndarray
     header: object | None = None
     path: str | None = None
+
+    @property
+    def exact_in_float32(self) -> bool:
+        """Whether every stored value is exactly a float32 (integers of 16 bits or fewer, booleans): the CPU
+        engine then resamples from the stored array as it is (``float64`` arithmetic on these values equals
+        MONAI's on its ``float32`` copy) and never holds that copy — half the input's bytes for an int16 CT."""
+        return self.array.dtype == np.bool_ or (self.array.dtype.kind in "iu" and self.array.dtype.itemsize <= 2)
 
     def to_volume(self) -> Volume:
         """The float32 :class:`Volume` MONAI's ``LoadImaged`` + ``EnsureChannelFirstd`` would give."""

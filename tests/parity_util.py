@@ -30,8 +30,9 @@ def bundle_with_weights(src: Path, dst: Path, seed: int = 0, overrides: dict | N
     return dst
 
 
-def write_volume(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
-    img = nib.Nifti1Image(array.astype(np.float32), affine)
+def write_volume(path: Path, array: np.ndarray, affine: np.ndarray, dtype=np.float32) -> Path:
+    """``array`` as a NIfTI file (stored as ``dtype``; None: as the array's dtype) with the affine in both forms."""
+    img = nib.Nifti1Image(array if dtype is None else array.astype(dtype), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     nib.save(img, str(path))

@@ -397,3 +397,68 @@ def test_256_cube_105_classes_runs_under_enforced_1_5_gb(art105, tmp_path):
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 2 and "BudgetError" not in res.stderr and "cannot be met" in res.stderr
     assert not (tmp_path / "no.nii.gz").exists()
+
+
+def test_an_int16_nifti_is_kept_as_stored_and_gives_the_float32_inputs_labels(small_artifact, tmp_path):
+    """The CPU engine keeps an integer NIfTI (16 bits or fewer, unscaled) as stored: half the input's bytes in the
+    plan and in memory, and resampling from the int16 voxels gives the labels of the same values stored as float32
+    (what MONAI's LoadImage makes of them). A scaled int16 file (slope/intercept) is read as float32 as before."""
+    import nibabel as nib
+
+    import segrt
+    from parity_util import write_volume
+    from segrt.phantom import make_phantom
+
+    image, _, affine, _ = make_phantom(shape=(72, 64, 60), spacing=(2.0, 1.8, 2.5), axcodes="LPS", seed=5)
+    hu = np.round(image).astype(np.int16)
+    p16 = write_volume(tmp_path / "ct16.nii.gz", hu, affine, dtype=None)
+    p32 = write_volume(tmp_path / "ct32.nii.gz", hu.astype(np.float32), affine)
+    scaled = nib.Nifti1Image((hu // 2).astype(np.int16), affine)
+    scaled.header.set_slope_inter(2.0, 1.0)
+    p_scaled = tmp_path / "ct_scaled.nii.gz"
+    nib.save(scaled, str(p_scaled))
+    with segrt.Engine.load(small_artifact, device="cpu", variant="fp32") as eng:
+        s16, s32, ssc = eng.segment(p16), eng.segment(p32), eng.segment(p_scaled)
+        plan16, plan32 = eng.plan(p16), eng.plan(p32)
+    assert s16.source.array.dtype == np.int16 and s32.source.array.dtype == np.float32
+    assert ssc.source.array.dtype == np.float32
+    np.testing.assert_array_equal(s16.labels, s32.labels)
+    assert len(np.unique(s16.labels)) > 1
+    n = hu.size
+    assert plan16.memory.terms["input"] == 2 * n and plan32.memory.terms["input"] == 4 * n
+    assert s16.metadata["memory_plan"]["terms"]["input"] == 2 * n
+
+
+def test_under_a_budget_the_engine_drops_its_copy_of_the_input_and_statistics_read_it_again(small_artifact,
+                                                                                             tmp_path):
+    """Under --max-memory the CPU engine releases the input it read from a file once resampled (the plan's stitch
+    and invert phases then hold no input); labels are those of a run that keeps it, and statistics / previews read
+    the file again. An array passed in is never released; keep_input=True keeps a file's image."""
+    import segrt
+    from parity_util import write_volume
+    from segrt.phantom import make_phantom
+
+    image, _, affine, _ = make_phantom(shape=(64, 60, 56), spacing=(2.0, 2.0, 2.0), axcodes="RAS", seed=6)
+    hu = np.round(image).astype(np.int16)
+    path = write_volume(tmp_path / "ct.nii.gz", hu, affine, dtype=None)
+    with segrt.Engine.load(small_artifact, device="cpu", variant="fp32", max_memory="16G") as eng:
+        rel = eng.segment(path)
+        kept = eng.segment(path, keep_input=True)
+        arr = eng.segment(hu, affine=affine)
+        planned = eng.plan(path)
+    with segrt.Engine.load(small_artifact, device="cpu", variant="fp32") as eng:
+        default = eng.segment(path)
+    assert rel.source.released and rel.source.array.strides == (0, 0, 0, 0)
+    assert not kept.source.released and not arr.source.released and not default.source.released
+    np.testing.assert_array_equal(rel.labels, kept.labels)
+    mp, mk = rel.metadata["memory_plan"], kept.metadata["memory_plan"]
+    assert mp["release_input"] and not mk["release_input"] and planned.memory.release_input
+    def held(m, phase):  # base (the process's RSS when planned) and the measured workspace move between calls
+        return m["phases"][phase] - m["terms"]["base"] - (m["terms"]["workspace"] if phase == "stitch" else 0)
+
+    assert held(mk, "stitch") - held(mp, "stitch") == 2 * hu.size == mp["terms"]["input"]
+    assert held(mk, "invert") - held(mp, "invert") == 2 * hu.size
+    assert held(mp, "preprocess") == held(mk, "preprocess")
+    stats_rel, stats_kept = rel.statistics(), kept.statistics()
+    assert stats_rel == stats_kept and any("mean" in str(k) for k in stats_rel[0])
+    assert rel.source.array.dtype == np.int16 and not rel.source.released

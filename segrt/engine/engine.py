@@ -37,7 +37,7 @@ from segrt.engine.plan import Calibration, SegmentationPlan, make_plan
 from segrt.engine.segmentation import STAGES, Segmentation, check_run_output, source_format
 from segrt.errors import UsageError, VolumeError
 from segrt.niftiheader import correct_nifti_header, inspect_nifti
-from segrt.volume import RawImage, Volume, load_nifti, read_nifti
+from segrt.volume import RawImage, Volume, read_nifti
 
 __all__ = ["Engine", "Segmentation", "STAGES", "check_run_output"]
 
@@ -181,7 +181,7 @@ class Engine:
     def _read_source(self, source, affine, on_device: bool = False, series: str | None = None):
         """``(volume, dicom)``: the input as :meth:`_as_volume` describes, and the
         :class:`segrt.dicomio.DicomImage` it came from (None unless the input is DICOM). Paths: NIfTI by the fast
-        readers (load_nifti, or read_nifti on a device), NRRD and DICOM (a folder, .dcm files) by
+        readers (read_nifti; kept as stored where exact, see _host_image), NRRD and DICOM (a folder, .dcm files) by
         :func:`segrt.imageio.load_image`; ``series`` picks a DICOM series."""
         checked = False  # RawImage.to_volume (load_nifti) has checked for non-finite voxels already
         dicom = None
@@ -193,13 +193,14 @@ class Engine:
         if isinstance(source, Volume):
             vol = source
         elif isinstance(source, RawImage):  # read_nifti's result: uploaded as stored, or MONAI's float32 here
-            vol, checked = (source, False) if on_device else (source.to_volume(), True)
+            vol, checked = (source, False) if on_device else (self._host_image(source), True)
         elif hasattr(source, "datasets") and isinstance(getattr(source, "volume", None), Volume):  # a DicomImage
             vol, dicom = source.volume, source
         elif isinstance(source, (str, os.PathLike, list, tuple)):
             fmt = source_format(source)
             if fmt == "nifti":
-                vol, checked = (read_nifti(source), False) if on_device else (load_nifti(source), True)
+                vol, checked = (read_nifti(source), False) if on_device else \
+                    (self._host_image(read_nifti(source)), True)
             elif fmt == "dicom":
                 from segrt.dicomio import read_dicom_series
 
@@ -222,9 +223,23 @@ class Engine:
             raise VolumeError(f"input holds {bad} NaN/Inf voxel(s); expected finite intensities")
         return vol, dicom
 
+    @staticmethod
+    def _host_image(raw: RawImage) -> Volume | RawImage:
+        """The CPU engine's input from a NIfTI file's voxels: kept as stored when float32 holds every stored value
+        exactly (an int16 CT: half the bytes of MONAI's float32 copy; resampling casts a few rows at a time and
+        gives the same values), else :meth:`RawImage.to_volume` (which checks for non-finite values)."""
+        return raw if raw.exact_in_float32 else raw.to_volume()
+
+    def _releases_input(self, source, keep_input: bool | None) -> bool:
+        """Whether ``segment`` drops its own copy of the input once resampled (see its ``keep_input``)."""
+        if keep_input is None:
+            keep_input = self.max_memory is None
+        return (not keep_input and not self._on_device()
+                and isinstance(source, (str, os.PathLike, list, tuple)))
+
     def segment(self, source, affine=None, *, output: str | os.PathLike | None = None,
                 progress: bool | None = None, return_probabilities: bool = False, series: str | None = None,
-                fmt: str | None = None) -> Segmentation:
+                fmt: str | None = None, keep_input: bool | None = None) -> Segmentation:
         """Segment an image file (NIfTI, NRRD), DICOM (a folder, a .dcm file, a list of a series' files, or a
         :class:`segrt.dicomio.DicomImage`), a :class:`Volume`, a :class:`RawImage` (:func:`segrt.read_nifti`) or an
         array (with ``affine``). ``series``: the SeriesInstanceUID to read from a DICOM folder holding several.
@@ -233,6 +248,12 @@ class Engine:
 
         ``return_probabilities`` additionally keeps the stitched softmax probabilities on the preprocessed
         grid (C × volume: for tests and debugging only — it defeats the streaming memory bound).
+
+        ``keep_input``: whether the input image read from a file stays in memory for the whole run. None (default):
+        kept, except under a memory budget (``max_memory``), where the CPU engine drops its copy once resampled
+        (the stitcher's phase, the largest, then runs without it; ``segrt run --stats/--preview`` keep it).
+        :meth:`Segmentation.statistics` and :meth:`Segmentation.write_preview` read a dropped input again from its
+        file. Arrays, Volumes and RawImages passed in are never dropped (the caller holds them).
         """
         spec = self.spec
         if output is not None:  # before any work: never the input, never after minutes of inference
@@ -247,7 +268,8 @@ class Engine:
         if dicom is not None:
             src_meta["series_uid"] = dicom.series_uid
 
-        plan = self._plan_for(vol)  # the one plan of this call: nothing below plans again
+        release = self._releases_input(source, keep_input)
+        plan = self._plan_for(vol, release)  # the one plan of this call: nothing below plans again
         if on_device:
             seg = self._segment_on_device(vol, plan, timings, None, return_probabilities)
             seg.dicom = dicom
@@ -266,7 +288,7 @@ class Engine:
         try:
             res = orchestrator.run(plan, vol, ops, self.backend.infer, softmax=spec.postprocessing.softmax,
                                    progress=bar.update if bar else None,
-                                   return_probabilities=return_probabilities)
+                                   return_probabilities=return_probabilities, release_input=release)
         finally:
             if bar is not None:
                 bar.close()
@@ -285,7 +307,8 @@ class Engine:
                       "accum_dtype": mplan.accum_dtype, "sw_batch_size": plan.inference.sw_batch_size,
                       "stitch_threads": mplan.threads, "memory_plan": mplan.to_dict(),
                       "random_weights": self.artifact.random_weights, **self._overlap_metadata(), **src_meta},
-            dicom=dicom,
+            dicom=dicom, reread_source=(lambda: self._read_source(source, affine, series=series)[0])
+            if release else None,
         )
         if output is not None:
             seg.save(output, fmt)
@@ -309,14 +332,20 @@ class Engine:
             shape = tuple(int(v) for v in img.shape)
             channels = 1 if len(shape) == 3 else int(shape[3])
             n_vox = int(np.prod(shape[:3]))
-            return self._make_plan(np.asarray(img.affine, np.float64), shape[:3], channels, 4 * channels * n_vox)
+            proxy, stored = img.dataobj, np.dtype(img.get_data_dtype())
+            raw = getattr(proxy, "slope", 1.0) == 1.0 and getattr(proxy, "inter", 0.0) == 0.0
+            exact = raw and (stored == np.bool_ or (stored.kind in "iu" and stored.itemsize <= 2))  # see _host_image
+            itemsize = stored.itemsize if exact else 4
+            return self._make_plan(np.asarray(img.affine, np.float64), shape[:3], channels,
+                                   itemsize * channels * n_vox, self._releases_input(source, None))
         vol = self._as_volume(source, affine, on_device=False, series=series)
-        return self._plan_for(vol)
+        return self._plan_for(vol, self._releases_input(source, None))
 
-    def _plan_for(self, vol) -> SegmentationPlan:
-        return self._make_plan(vol.affine, vol.spatial_shape, vol.num_channels, int(vol.array.nbytes))
+    def _plan_for(self, vol, release_input: bool = False) -> SegmentationPlan:
+        return self._make_plan(vol.affine, vol.spatial_shape, vol.num_channels, int(vol.array.nbytes), release_input)
 
-    def _make_plan(self, affine, spatial_shape, channels: int, input_bytes: int) -> SegmentationPlan:
+    def _make_plan(self, affine, spatial_shape, channels: int, input_bytes: int,
+                   release_input: bool = False) -> SegmentationPlan:
         """Geometry, windows, skip rule and the memory plan (``segrt.engine.budget``) for one input; BudgetError if
         the declared budget cannot be met — raised before anything runs."""
         spec = self.spec
@@ -342,7 +371,7 @@ class Engine:
                                label_bytes=np.dtype(spec.label_dtype).itemsize, workspace=workspace, skip=skip,
                                slabs=use_inverter, inplace_weighting=self.capabilities.fresh_outputs,
                                threads=self.stitch_threads, accum_dtype=acc, grid=cells,
-                               **({} if base is None else {"base": base}))
+                               release_input=release_input, **({} if base is None else {"base": base}))
 
         return make_plan(spec, affine, spatial_shape, channels, skip_empty=self.skip_empty,
                          memory_plan=memory_plan, backend=self.backend.name, device=self.device)

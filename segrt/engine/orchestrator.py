@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from segrt.engine import preprocess as pp
+from segrt.engine.axes import stitch_permuted
 from segrt.engine.cells import window_maxima
 from segrt.engine.plan import SegmentationPlan
 from segrt.engine.stitch import sliding_window_blocks, sliding_window_stream
@@ -84,8 +85,11 @@ class RunResult:
 
 
 def run(plan: SegmentationPlan, volume, ops, infer, *, softmax: bool, progress=None,
-        return_probabilities: bool = False) -> RunResult:
-    """Segment ``volume`` on ``plan`` with the array engine ``ops`` and the network ``infer(batch) -> logits``."""
+        return_probabilities: bool = False, release_input: bool = False) -> RunResult:
+    """Segment ``volume`` on ``plan`` with the array engine ``ops`` and the network ``infer(batch) -> logits``.
+
+    ``release_input``: ``volume.release()`` once resampled (the caller's own copy of a file's image, under a memory
+    budget: the stitcher's phase then runs without it)."""
     timer = ops.timer()
     total = timer.start("total")
     with timer("upload"):
@@ -93,6 +97,8 @@ def run(plan: SegmentationPlan, volume, ops, infer, *, softmax: bool, progress=N
     with timer("preprocess"):
         x = ops.resample(raw, plan)
         del raw
+        if release_input:
+            volume.release()
         rule = plan.skip_rule
         # the skip rule is decided on the resampled image before the intensity ops (CT: Hounsfield units)
         skip = None if rule is None else np.asarray(ops.window_maxima(x, plan)) < rule.threshold
@@ -210,6 +216,11 @@ class NumpyOps:
         if rows:
             for x0, slab in sliding_window_stream(image, plan.inference, predict, k, **kw):
                 yield (x0, 0, 0), slab
+        elif m.stream_axes is not None:  # another axis slowest: the planner's smallest footprint (float16 cells)
+            kw.pop("grid")
+            yield from stitch_permuted(
+                lambda img, sp, pr, **a: sliding_window_blocks(img, sp, pr, k, **a), image, plan.inference, predict,
+                m.stream_axes, skip=skip, counts=plan.cells.counts, **{k2: v for k2, v in kw.items() if k2 != "skip"})
         else:
             yield from sliding_window_blocks(image, plan.inference, predict, k, **kw)
 

@@ -509,7 +509,8 @@ def preprocess(volume, pre: Preprocessing, raw_hook=None, geometry: PreprocessRe
 
 def resample(volume, pre: Preprocessing, geometry: PreprocessRecord) -> np.ndarray:
     """Orientation and spacing of ``volume`` on its planned ``geometry`` (:func:`plan_geometry`): the image before the
-    intensity ops, ``(C, X', Y', Z')`` (a view of the input when nothing is resampled)."""
+    intensity ops, ``(C, X', Y', Z')`` float32 (a view of a float32 input when nothing is resampled). ``volume``
+    may hold integers as stored (a :class:`~segrt.volume.RawImage`): resampling reads them as they are."""
     if tuple(geometry.input_shape) != tuple(volume.array.shape[1:]):
         raise SpecError(f"the geometry was planned for {geometry.input_shape}, the volume is "
                         f"{tuple(volume.array.shape[1:])}")
@@ -520,6 +521,8 @@ def resample(volume, pre: Preprocessing, geometry: PreprocessRecord) -> np.ndarr
         arr = apply_spacing(arr, geometry.spacing, pre.spacing.mode)
     if tuple(arr.shape[1:]) != tuple(geometry.output_shape):  # pragma: no cover - an internal invariant
         raise SpecError(f"preprocessing gave {tuple(arr.shape[1:])}, the plan said {geometry.output_shape}")
+    if arr.dtype != np.float32:  # an input kept as stored (RawImage.exact_in_float32) with nothing resampled
+        arr = arr.astype(np.float32)
     return arr
 
 

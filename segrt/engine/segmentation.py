@@ -110,6 +110,7 @@ class Segmentation:
     source: Volume | RawImage | None = None  # the input (its header is copied into the written labels)
     probabilities: np.ndarray | None = None  # only with segment(..., return_probabilities=True)
     dicom: object | None = None  # the source segrt.dicomio.DicomImage (its datasets), for DICOM-SEG output
+    reread_source: object | None = None  # reads the input again when the engine released it (Volume.release)
 
     @property
     def voxel_volume_ml(self) -> float:
@@ -129,8 +130,14 @@ class Segmentation:
         return out
 
     def _image(self) -> np.ndarray | None:
-        """The input's first channel on the labels' grid (its stored dtype), or None."""
+        """The input's first channel on the labels' grid (its stored dtype), or None. An input the engine released
+        under a memory budget is read again from its file (once)."""
+        if getattr(self.source, "released", False) and self.reread_source is not None:
+            self.source = self.reread_source()
+            self.reread_source = None
         arr = getattr(self.source, "array", None)
+        if getattr(self.source, "released", False):
+            return None
         if isinstance(arr, np.ndarray) and arr.ndim == 4 and arr.shape[1:] == self.labels.shape:
             return arr[0]
         return None

@@ -217,7 +217,7 @@ def sliding_window_blocks(image: np.ndarray, spec: InferenceSpec, predict: Predi
                                  f"(batch, num_classes, *roi_size)")
         if weighted_buf is not None:
             return weight_batch(pred, weight, weighted_buf[:nb])
-        if inplace_weighting and pred.dtype == np.float32 and pred.flags.writeable and pred.flags.c_contiguous:
+        if inplace_weighting and pred.dtype == np.float32 and pred.flags.writeable:  # any strides (axes.py)
             return weight_batch(pred, weight, pred)
         return weight_batch(pred, weight, np.empty((nb, *expect), dtype=np.float32))
 
