@@ -225,3 +225,21 @@ def coordinate_bound(theta: np.ndarray, out_shape, src_shape) -> np.ndarray:
         n = float(src_shape[d])
         out.append(n / 2 * (2 * gamma(4) + 2 * u) * S + 2 * 3 * u * n * (S + 1) + 1e-300)
     return np.array(out)
+
+
+def traced_peak(blocks) -> tuple[int, int]:
+    """``(voxels handed out, peak bytes NumPy allocated)`` while iterating ``blocks`` (a stitcher's
+    ``((x0, y0, z0), block)`` generator, created but not started), measured with tracemalloc."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        n = 0
+        for _, block in blocks:
+            n += block[0].size
+            del block
+        return n, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()

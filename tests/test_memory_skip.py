@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -146,17 +145,9 @@ def test_measured_peak_matches_formula(accum, order):
     pred = _Reuse(1, k, roi)
     terms = stitch_buffers(shape, spec, k, accum_dtype=accum, slabs=False, order=order)
     predicted = sum(terms.values())
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        n = 0
-        for _, block in sliding_window_blocks(img, spec, pred, k, accum_dtype=accum, order=order):
-            n += block[0].size
-            del block
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
+    from parity_util import traced_peak
+
+    n, peak = traced_peak(sliding_window_blocks(img, spec, pred, k, accum_dtype=accum, order=order))
     assert n == int(np.prod(shape))
     assert predicted - terms["ufunc_scratch"] - 64 * 1024 <= peak <= predicted + 16 * 1024, (peak, predicted, terms)
     full_volume = 4 * (k + 1) * int(np.prod(shape))

@@ -3,8 +3,6 @@ of float32 additions; the memory planner takes it (float16 cells) only where it 
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
 
@@ -102,18 +100,10 @@ def test_permuted_peak_within_the_formula_of_the_transposed_volume():
     predicted = sum(stitch_buffers(t_shape, spec, k, accum_dtype="float16").values())
     own = sum(stitch_buffers(shape, spec, k, accum_dtype="float16").values())
     assert predicted < own
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        n = 0
-        for _, block in stitch_permuted(lambda im, sp, pr, **kw: sliding_window_blocks(im, sp, pr, k, **kw), img,
-                                        spec, pred, axes, accum_dtype="float16"):
-            n += block[0].size
-            del block
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
+    from parity_util import traced_peak
+
+    n, peak = traced_peak(stitch_permuted(lambda im, sp, pr, **kw: sliding_window_blocks(im, sp, pr, k, **kw), img,
+                                          spec, pred, axes, accum_dtype="float16"))
     assert n == int(np.prod(shape))
     # the gathered window in the network's order is one window more than the formula's input batch
     assert peak <= predicted + 4 * int(np.prod(roi)), (peak, predicted)
