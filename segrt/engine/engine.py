@@ -68,6 +68,62 @@ def _check_threads(threads) -> int | None:
     return int(threads)
 
 
+def host_image(raw: RawImage) -> Volume | RawImage:
+    """The CPU engine's input from a NIfTI file's voxels: kept as stored when float32 holds every stored value
+    exactly (an int16 CT: half the bytes of MONAI's float32 copy; resampling casts a few rows at a time and
+    gives the same values), else :meth:`RawImage.to_volume` (which checks for non-finite values)."""
+    return raw if raw.exact_in_float32 else raw.to_volume()
+
+
+def read_input(source, affine, in_channels: int, on_device: bool = False, series: str | None = None):
+    """``(volume, dicom)``: the input as a :class:`Volume` (a NIfTI file's :class:`RawImage` as stored on a device, or
+    on the CPU where float32 holds its values exactly: :func:`host_image`), checked to have ``in_channels``
+    channels and (on the CPU) finite values, and the :class:`segrt.dicomio.DicomImage` it came from (None unless
+    the input is DICOM); it holds nothing of an engine (``Segmentation`` keeps it to read a released input
+    again). Paths: NIfTI by the fast
+    readers (read_nifti; kept as stored where exact, see host_image), NRRD and DICOM (a folder, .dcm files) by
+    :func:`segrt.imageio.load_image`; ``series`` picks a DICOM series."""
+    checked = False  # RawImage.to_volume (load_nifti) has checked for non-finite voxels already
+    dicom = None
+    if isinstance(source, (list, tuple)) and len(source) == 1:
+        source = source[0]
+    if series is not None and not (isinstance(source, (str, os.PathLike, list, tuple))
+                                   and source_format(source) == "dicom"):
+        raise UsageError(f"series={series!r} selects a DICOM series, but the input is not DICOM")
+    if isinstance(source, Volume):
+        vol = source
+    elif isinstance(source, RawImage):  # read_nifti's result: uploaded as stored, or MONAI's float32 here
+        vol, checked = (source, False) if on_device else (host_image(source), True)
+    elif hasattr(source, "datasets") and isinstance(getattr(source, "volume", None), Volume):  # a DicomImage
+        vol, dicom = source.volume, source
+    elif isinstance(source, (str, os.PathLike, list, tuple)):
+        fmt = source_format(source)
+        if fmt == "nifti":
+            vol, checked = (read_nifti(source), False) if on_device else \
+                (host_image(read_nifti(source)), True)
+        elif fmt == "dicom":
+            from segrt.dicomio import read_dicom_series
+
+            dicom = read_dicom_series(source, series_uid=series)
+            vol = dicom.volume
+        else:
+            from segrt.imageio import load_image
+
+            vol = load_image(source)
+    elif isinstance(source, np.ndarray):
+        vol = Volume.from_array(source, affine=affine)
+    else:
+        raise VolumeError(f"segment() expects a file path (NIfTI, NRRD, DICOM), a segrt.Volume, a "
+                          f"segrt.RawImage or a NumPy array, got {type(source).__name__}")
+    if vol.num_channels != in_channels:
+        raise VolumeError(f"the model takes {in_channels} channel(s), the input has "
+                          f"{vol.num_channels} (array shape {vol.array.shape})")
+    if not on_device and not checked and not np.isfinite(vol.array).all():
+        bad = int(np.size(vol.array) - np.count_nonzero(np.isfinite(vol.array)))
+        raise VolumeError(f"input holds {bad} NaN/Inf voxel(s); expected finite intensities")
+    return vol, dicom
+
+
 class Engine:
     """A loaded artifact and its backend. Create with :meth:`Engine.load`."""
 
@@ -179,56 +235,8 @@ class Engine:
         return self._read_source(source, affine, on_device, series)[0]
 
     def _read_source(self, source, affine, on_device: bool = False, series: str | None = None):
-        """``(volume, dicom)``: the input as :meth:`_as_volume` describes, and the
-        :class:`segrt.dicomio.DicomImage` it came from (None unless the input is DICOM). Paths: NIfTI by the fast
-        readers (read_nifti; kept as stored where exact, see _host_image), NRRD and DICOM (a folder, .dcm files) by
-        :func:`segrt.imageio.load_image`; ``series`` picks a DICOM series."""
-        checked = False  # RawImage.to_volume (load_nifti) has checked for non-finite voxels already
-        dicom = None
-        if isinstance(source, (list, tuple)) and len(source) == 1:
-            source = source[0]
-        if series is not None and not (isinstance(source, (str, os.PathLike, list, tuple))
-                                       and source_format(source) == "dicom"):
-            raise UsageError(f"series={series!r} selects a DICOM series, but the input is not DICOM")
-        if isinstance(source, Volume):
-            vol = source
-        elif isinstance(source, RawImage):  # read_nifti's result: uploaded as stored, or MONAI's float32 here
-            vol, checked = (source, False) if on_device else (self._host_image(source), True)
-        elif hasattr(source, "datasets") and isinstance(getattr(source, "volume", None), Volume):  # a DicomImage
-            vol, dicom = source.volume, source
-        elif isinstance(source, (str, os.PathLike, list, tuple)):
-            fmt = source_format(source)
-            if fmt == "nifti":
-                vol, checked = (read_nifti(source), False) if on_device else \
-                    (self._host_image(read_nifti(source)), True)
-            elif fmt == "dicom":
-                from segrt.dicomio import read_dicom_series
-
-                dicom = read_dicom_series(source, series_uid=series)
-                vol = dicom.volume
-            else:
-                from segrt.imageio import load_image
-
-                vol = load_image(source)
-        elif isinstance(source, np.ndarray):
-            vol = Volume.from_array(source, affine=affine)
-        else:
-            raise VolumeError(f"segment() expects a file path (NIfTI, NRRD, DICOM), a segrt.Volume, a "
-                              f"segrt.RawImage or a NumPy array, got {type(source).__name__}")
-        if vol.num_channels != self.spec.in_channels:
-            raise VolumeError(f"the model takes {self.spec.in_channels} channel(s), the input has "
-                              f"{vol.num_channels} (array shape {vol.array.shape})")
-        if not on_device and not checked and not np.isfinite(vol.array).all():
-            bad = int(np.size(vol.array) - np.count_nonzero(np.isfinite(vol.array)))
-            raise VolumeError(f"input holds {bad} NaN/Inf voxel(s); expected finite intensities")
-        return vol, dicom
-
-    @staticmethod
-    def _host_image(raw: RawImage) -> Volume | RawImage:
-        """The CPU engine's input from a NIfTI file's voxels: kept as stored when float32 holds every stored value
-        exactly (an int16 CT: half the bytes of MONAI's float32 copy; resampling casts a few rows at a time and
-        gives the same values), else :meth:`RawImage.to_volume` (which checks for non-finite values)."""
-        return raw if raw.exact_in_float32 else raw.to_volume()
+        """:func:`read_input` with this engine's channel count."""
+        return read_input(source, affine, self.spec.in_channels, on_device, series)
 
     def _releases_input(self, source, keep_input: bool | None) -> bool:
         """Whether ``segment`` drops its own copy of the input once resampled (see its ``keep_input``)."""
@@ -269,6 +277,7 @@ class Engine:
             src_meta["series_uid"] = dicom.series_uid
 
         release = self._releases_input(source, keep_input)
+        channels = self.spec.in_channels
         plan = self._plan_for(vol, release)  # the one plan of this call: nothing below plans again
         if on_device:
             seg = self._segment_on_device(vol, plan, timings, None, return_probabilities)
@@ -307,7 +316,7 @@ class Engine:
                       "accum_dtype": mplan.accum_dtype, "sw_batch_size": plan.inference.sw_batch_size,
                       "stitch_threads": mplan.threads, "memory_plan": mplan.to_dict(),
                       "random_weights": self.artifact.random_weights, **self._overlap_metadata(), **src_meta},
-            dicom=dicom, reread_source=(lambda: self._read_source(source, affine, series=series)[0])
+            dicom=dicom, reread_source=(lambda: read_input(source, affine, channels, series=series)[0])
             if release else None,
         )
         if output is not None:
@@ -334,7 +343,7 @@ class Engine:
             n_vox = int(np.prod(shape[:3]))
             proxy, stored = img.dataobj, np.dtype(img.get_data_dtype())
             raw = getattr(proxy, "slope", 1.0) == 1.0 and getattr(proxy, "inter", 0.0) == 0.0
-            exact = raw and (stored == np.bool_ or (stored.kind in "iu" and stored.itemsize <= 2))  # see _host_image
+            exact = raw and (stored == np.bool_ or (stored.kind in "iu" and stored.itemsize <= 2))  # see host_image
             itemsize = stored.itemsize if exact else 4
             return self._make_plan(np.asarray(img.affine, np.float64), shape[:3], channels,
                                    itemsize * channels * n_vox, self._releases_input(source, None))
