@@ -183,9 +183,27 @@ def export_section() -> list[str]:
             f"{', '.join(d['cpu_variants']) or 'none'} (stages: {stages}).", ""]
 
 
+def budget_section() -> list[str]:
+    path, d = _newest("budget_wholebody_1.5mm_cpu_*.json")
+    if d is None:
+        return []
+    m, plan = d["machine"], d["memory_plan"]
+    axes = plan.get("stream_axes")
+    how = (f"{plan['accum_dtype']} cells, sw_batch_size {plan['sw_batch_size']}, input released after resampling"
+           f"{', axis %d slowest' % axes[0] if axes else ''}" if plan.get("release_input") else
+           f"{plan['accum_dtype']} cells, sw_batch_size {plan['sw_batch_size']}")
+    return [f"**The 1.5 mm whole-body job under `--max-memory {d['budget']}`** (`{path.relative_to(REPO)}`; "
+            f"{_machine(m)}; random weights; {'×'.join(map(str, d['input']['shape']))} int16 CT → "
+            f"{'×'.join(map(str, d['preprocessed_shape']))} at 1.5 mm, {d['windows']} windows, "
+            f"{d['windows_skipped']} skipped): peak RSS **{d['peak_rss_gib']:.2f} GiB** (planned "
+            f"{d['predicted_peak_gib']:.2f} GiB: {how}), {d['wall_seconds_incl_imports']:.0f} s wall "
+            f"(load before {d['machine']['load_before'][0]:.1f}).", ""]
+
+
 def render() -> str:
     lines = [BEGIN, ""]
-    for part in (real_nets_section, export_section, cpu_section, runtimes_section, gpu_section, brain_section):
+    for part in (real_nets_section, export_section, budget_section, cpu_section, runtimes_section, gpu_section,
+                 brain_section):
         lines += part()
     lines.append(END)
     return "\n".join(lines)
