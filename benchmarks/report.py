@@ -173,14 +173,22 @@ def real_nets_section() -> list[str]:
 
 
 def export_section() -> list[str]:
-    path, d = _newest("export_cpu_*.json")
-    if d is None:
+    """Every export result of the newest date (one per machine measured that day)."""
+    files = sorted(RESULTS.glob("export_cpu_*.json"))
+    if not files:
         return []
-    stages = ", ".join(f"{s['stage']} {s['seconds']:.0f} s / {s['peak_rss_gib']:.2f} GiB" for s in d["stages"])
-    return [f"**`segrt export` of the {d['bundle']} bundle** (`{path.relative_to(REPO)}`; {d['machine']['cpu']}, "
-            f"{d['machine']['threads']} threads): {d['wall_seconds_incl_imports']:.0f} s wall including imports, "
-            f"peak RSS {d['peak_rss_gib']:.2f} GiB, CPU variants built by default: "
-            f"{', '.join(d['cpu_variants']) or 'none'} (stages: {stages}).", ""]
+    day = json.loads(files[-1].read_text())["date"]
+    out = []
+    for path in files:
+        d = json.loads(path.read_text())
+        if d["date"] != day:
+            continue
+        stages = ", ".join(f"{s['stage']} {s['seconds']:.0f} s / {s['peak_rss_gib']:.2f} GiB" for s in d["stages"])
+        out += [f"**`segrt export` of the {d['bundle']} bundle** (`{path.relative_to(REPO)}`; {d['machine']['cpu']}, "
+                f"{d['machine']['threads']} threads): {d['wall_seconds_incl_imports']:.0f} s wall including imports, "
+                f"peak RSS {d['peak_rss_gib']:.2f} GiB, CPU variants built by default: "
+                f"{', '.join(d['cpu_variants']) or 'none (no native bf16 on this CPU)'} (stages: {stages}).", ""]
+    return out
 
 
 def budget_section() -> list[str]:
