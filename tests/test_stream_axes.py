@@ -9,7 +9,7 @@ import pytest
 from segrt.engine.axes import candidate_axes, permute_skip, stitch_permuted
 from segrt.engine.budget import plan_memory
 from segrt.engine.cells import CellGrid
-from segrt.engine.stitch import sliding_window_blocks, sliding_window_full
+from segrt.engine.stitch import sliding_window_full
 from segrt.engine.stitch_memory import stitch_buffers
 from segrt.engine.tiling import plan_windows
 from segrt.errors import BudgetError, SpecError
@@ -62,8 +62,7 @@ def test_every_axis_order_gives_monais_values_up_to_addition_order(axes, with_sk
         skip = np.random.default_rng(1).random(grid.plan.n_windows) < 0.3
     ref = sliding_window_full(img, SPEC, Conv(k), k, order="monai", skip=skip)
     net = Conv(k)
-    got = _assemble(stitch_permuted(lambda im, sp, pr, **kw: sliding_window_blocks(im, sp, pr, k, **kw), img, SPEC,
-                                    net, axes, skip=skip, counts=grid.counts, inplace_weighting=True,
+    got = _assemble(stitch_permuted(img, SPEC, net, k, axes, skip=skip, counts=grid.counts, inplace_weighting=True,
                                     accum_dtype="float32"), k, shape)
     assert all(s[2:] == SPEC.roi_size for s in net.calls)  # the network always sees its own axis order
     if axes == (0, 1, 2):
@@ -102,8 +101,7 @@ def test_permuted_peak_within_the_formula_of_the_transposed_volume():
     assert predicted < own
     from parity_util import traced_peak
 
-    n, peak = traced_peak(stitch_permuted(lambda im, sp, pr, **kw: sliding_window_blocks(im, sp, pr, k, **kw), img,
-                                          spec, pred, axes, accum_dtype="float16"))
+    n, peak = traced_peak(stitch_permuted(img, spec, pred, k, axes, accum_dtype="float16"))
     assert n == int(np.prod(shape))
     # the gathered window in the network's order is one window more than the formula's input batch
     assert peak <= predicted + 4 * int(np.prod(roi)), (peak, predicted)

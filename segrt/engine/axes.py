@@ -72,16 +72,18 @@ def permute_skip(skip, counts: Sequence[int], axes):
     return np.ascontiguousarray(flags.transpose(check_axes(axes))).reshape(-1)
 
 
-def stitch_permuted(stitch, image: np.ndarray, spec: InferenceSpec, predict, axes, *, skip=None, counts=None,
-                    **kw) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
-    """Run ``stitch`` (:func:`segrt.engine.stitch.sliding_window_blocks`) with axis ``axes[0]`` of ``image``
-    ``(C, X, Y, Z)`` slowest; yield ``((x0, y0, z0), block (K, dx, dy, dz))`` in ``image``'s coordinates (the block
-    a transposed view of the stitcher's buffer: same rules, do not keep it). ``skip``: flags in MONAI's window
-    order of ``image``, with ``counts`` windows per axis. ``kw`` goes to ``stitch`` (its ``grid`` must be the
-    transposed image's, or None)."""
+def stitch_permuted(image: np.ndarray, spec: InferenceSpec, predict, num_classes: int, axes, *, skip=None,
+                    counts=None, **kw) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
+    """:func:`segrt.engine.stitch.sliding_window_blocks` with axis ``axes[0]`` of ``image`` ``(C, X, Y, Z)``
+    slowest; yield ``((x0, y0, z0), block (K, dx, dy, dz))`` in ``image``'s coordinates (the block a transposed view
+    of the stitcher's buffer: same rules, do not keep it). ``skip``: flags in MONAI's window order of ``image``,
+    with ``counts`` windows per axis. ``kw`` goes to the stitcher (no ``grid``: the transposed image's is planned
+    there)."""
+    from segrt.engine.stitch import sliding_window_blocks
+
     axes = check_axes(axes)
     if axes == IDENTITY:
-        yield from stitch(image, spec, predict, skip=skip, **kw)
+        yield from sliding_window_blocks(image, spec, predict, num_classes, skip=skip, **kw)
         return
     inv = tuple(int(i) for i in np.argsort(axes))
     view = image.transpose(0, *(1 + a for a in axes))
@@ -91,5 +93,6 @@ def stitch_permuted(stitch, image: np.ndarray, spec: InferenceSpec, predict, axe
         return out.transpose(0, 1, *(2 + a for a in axes))
 
     flags = None if skip is None else permute_skip(skip, counts, axes)
-    for origin, block in stitch(view, permute_spec(spec, axes), predict_t, skip=flags, **kw):
+    for origin, block in sliding_window_blocks(view, permute_spec(spec, axes), predict_t, num_classes, skip=flags,
+                                               **kw):
         yield tuple(int(origin[i]) for i in inv), block.transpose(0, *(1 + i for i in inv))

@@ -18,9 +18,10 @@ input it read from a file), ``base`` the interpreter with numpy / nibabel / ONNX
 
 :func:`plan_memory` tries, in order, until the peak fits the budget: the artifact's batch size with the
 float32 accumulator and the gather/infer threads; the same without threads; batch size 1; the float16
-accumulator (a reduced-precision path: every addition rounded to float16). Last, with the float16 accumulator and one window per call, the
-stitcher may visit the windows with another axis slowest (:mod:`segrt.engine.axes`: a smaller overlap band on a long
-volume; only the order of additions changes), the axis order whose peak is smallest. If none fits it raises
+accumulator (a reduced-precision path: every addition rounded to float16). Last, with the float16 accumulator and
+one window per call, the stitcher may visit the windows with another axis slowest (:mod:`segrt.engine.axes`: a
+smaller overlap band on a long volume; only the order of additions changes), the axis order whose peak is
+smallest. If none fits it raises
 :class:`~segrt.errors.BudgetError` before anything runs, saying what the smallest plan needs, what was given,
 and what to change.
 """

@@ -217,10 +217,9 @@ class NumpyOps:
             for x0, slab in sliding_window_stream(image, plan.inference, predict, k, **kw):
                 yield (x0, 0, 0), slab
         elif m.stream_axes is not None:  # another axis slowest: the planner's smallest footprint (float16 cells)
-            kw.pop("grid")
-            yield from stitch_permuted(
-                lambda img, sp, pr, **a: sliding_window_blocks(img, sp, pr, k, **a), image, plan.inference, predict,
-                m.stream_axes, skip=skip, counts=plan.cells.counts, **{k2: v for k2, v in kw.items() if k2 != "skip"})
+            del kw["grid"], kw["skip"]  # the transposed image's grid is planned there; the flags are reordered
+            yield from stitch_permuted(image, plan.inference, predict, k, m.stream_axes, skip=skip,
+                                       counts=plan.cells.counts, **kw)
         else:
             yield from sliding_window_blocks(image, plan.inference, predict, k, **kw)
 
