@@ -52,7 +52,7 @@ from segrt.errors import VolumeError
 from segrt.niftiheader import _check_header_block, check_geometry, correct_nifti_header, input_path
 from segrt.safety import atomic_write
 
-__all__ = ["Volume", "RawImage", "read_nifti", "load_nifti", "save_labels", "save_volume"]
+__all__ = ["Volume", "RawImage", "exact_in_float32", "read_nifti", "load_nifti", "save_labels", "save_volume"]
 
 _NIFTI_EXTS = (".nii.gz", ".nii")
 
@@ -238,6 +238,12 @@ def _read_direct(p: Path, allow_parallel: bool = True):
     return img, data
 
 
+def exact_in_float32(dtype) -> bool:
+    """Whether float32 holds every value of ``dtype`` exactly: integers of 16 bits or fewer, booleans."""
+    dtype = np.dtype(dtype)
+    return dtype == np.bool_ or (dtype.kind in "iu" and dtype.itemsize <= 2)
+
+
 @dataclass
 class RawImage(_ChannelFirst):
     """A NIfTI image's voxels as stored: ``(C, X, Y, Z)`` in the file's dtype and memory order (a 3-D file's
@@ -256,10 +262,10 @@ class RawImage(_ChannelFirst):
 
     @property
     def exact_in_float32(self) -> bool:
-        """Whether every stored value is exactly a float32 (integers of 16 bits or fewer, booleans): the CPU
-        engine then resamples from the stored array as it is (``float64`` arithmetic on these values equals
-        MONAI's on its ``float32`` copy) and never holds that copy — half the input's bytes for an int16 CT."""
-        return self.array.dtype == np.bool_ or (self.array.dtype.kind in "iu" and self.array.dtype.itemsize <= 2)
+        """:func:`exact_in_float32` of the stored dtype: the CPU engine then resamples from the stored array as it is
+        (``float64`` arithmetic on these values equals MONAI's on its ``float32`` copy) and never holds that copy —
+        half the input's bytes for an int16 CT."""
+        return exact_in_float32(self.array.dtype)
 
     def to_volume(self) -> Volume:
         """The float32 :class:`Volume` MONAI's ``LoadImaged`` + ``EnsureChannelFirstd`` would give."""

@@ -37,7 +37,7 @@ from segrt.engine.plan import Calibration, SegmentationPlan, make_plan
 from segrt.engine.segmentation import STAGES, Segmentation, check_run_output, source_format
 from segrt.errors import UsageError, VolumeError
 from segrt.niftiheader import correct_nifti_header, inspect_nifti
-from segrt.volume import RawImage, Volume, read_nifti
+from segrt.volume import RawImage, Volume, exact_in_float32, read_nifti
 
 __all__ = ["Engine", "Segmentation", "STAGES", "check_run_output"]
 
@@ -343,8 +343,7 @@ class Engine:
             n_vox = int(np.prod(shape[:3]))
             proxy, stored = img.dataobj, np.dtype(img.get_data_dtype())
             raw = getattr(proxy, "slope", 1.0) == 1.0 and getattr(proxy, "inter", 0.0) == 0.0
-            exact = raw and (stored == np.bool_ or (stored.kind in "iu" and stored.itemsize <= 2))  # see host_image
-            itemsize = stored.itemsize if exact else 4
+            itemsize = stored.itemsize if raw and exact_in_float32(stored) else 4  # as host_image keeps it
             return self._make_plan(np.asarray(img.affine, np.float64), shape[:3], channels,
                                    itemsize * channels * n_vox, self._releases_input(source, None))
         vol = self._as_volume(source, affine, on_device=False, series=series)

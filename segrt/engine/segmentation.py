@@ -132,12 +132,11 @@ class Segmentation:
     def _image(self) -> np.ndarray | None:
         """The input's first channel on the labels' grid (its stored dtype), or None. An input the engine released
         under a memory budget is read again from its file (once)."""
-        if getattr(self.source, "released", False) and self.reread_source is not None:
-            self.source = self.reread_source()
-            self.reread_source = None
-        arr = getattr(self.source, "array", None)
         if getattr(self.source, "released", False):
-            return None
+            if self.reread_source is None:
+                return None
+            self.source, self.reread_source = self.reread_source(), None
+        arr = getattr(self.source, "array", None)
         if isinstance(arr, np.ndarray) and arr.ndim == 4 and arr.shape[1:] == self.labels.shape:
             return arr[0]
         return None
