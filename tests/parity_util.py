@@ -227,9 +227,10 @@ def coordinate_bound(theta: np.ndarray, out_shape, src_shape) -> np.ndarray:
     return np.array(out)
 
 
-def traced_peak(blocks) -> tuple[int, int]:
-    """``(voxels handed out, peak bytes NumPy allocated)`` while iterating ``blocks`` (a stitcher's
-    ``((x0, y0, z0), block)`` generator, created but not started), measured with tracemalloc."""
+def traced_peak(blocks, visit=None) -> tuple[int, int]:
+    """``(sum of visit(origin, block), peak bytes NumPy allocated)`` while iterating ``blocks`` (a stitcher's
+    ``(origin, block)`` generator, created but not started), measured with tracemalloc. ``visit`` defaults to the
+    voxels of each block."""
     import tracemalloc
 
     tracemalloc.start()
@@ -237,8 +238,8 @@ def traced_peak(blocks) -> tuple[int, int]:
         base = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
         n = 0
-        for _, block in blocks:
-            n += block[0].size
+        for origin, block in blocks:
+            n += block[0].size if visit is None else visit(origin, block)
             del block
         return n, tracemalloc.get_traced_memory()[1] - base
     finally:

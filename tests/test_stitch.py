@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -190,20 +189,18 @@ class _NoAllocPredictor:
 def _stream_rows_and_peak(stream, check=None) -> tuple[int, int]:
     """Consume ``stream`` (slabs in row order, each checked by ``check(x0, slab)``) under tracemalloc: the rows
     handed out and the peak of traced bytes above the start."""
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        n_rows = 0
-        for x0, slab in stream:
-            assert x0 == n_rows
-            n_rows += slab.shape[1]
-            if check is not None:
-                check(x0, slab)
-            del slab
-        return n_rows, tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
+    from parity_util import traced_peak
+
+    rows = [0]
+
+    def visit(x0, slab):
+        assert x0 == rows[0]
+        rows[0] += slab.shape[1]
+        if check is not None:
+            check(x0, slab)
+        return slab.shape[1]
+
+    return traced_peak(stream, visit)
 
 
 def test_peak_memory_matches_formula_and_is_small():
