@@ -133,14 +133,11 @@ def estimate(spec: InferenceSpec, num_classes: int, in_channels: int, input_shap
     v = int(np.prod(preprocessed_shape))
     v_in = int(np.prod(input_shape))
     c = int(in_channels)
-    if stream_axes is not None:
-        st = stitch_buffers(permute_shape(preprocessed_shape, stream_axes), permute_spec(spec, stream_axes),
-                            num_classes, c, accum_dtype=accum_dtype, slabs=slabs, threads=threads, skip=skip,
-                            inplace_weighting=inplace_weighting, order=order)
-    else:
-        st = stitch_buffers(preprocessed_shape, spec, num_classes, c, accum_dtype=accum_dtype, slabs=slabs,
-                            threads=threads, skip=skip, inplace_weighting=inplace_weighting, order=order,
-                            grid=grid)
+    shape, st_spec = preprocessed_shape, spec
+    if stream_axes is not None:  # the stitcher's buffers on the transposed image (its own cell grid)
+        shape, st_spec, grid = permute_shape(shape, stream_axes), permute_spec(spec, stream_axes), None
+    st = stitch_buffers(shape, st_spec, num_classes, c, accum_dtype=accum_dtype, slabs=slabs, threads=threads,
+                        skip=skip, inplace_weighting=inplace_weighting, order=order, grid=grid)
     stitch = sum(st.values())
     held = 0 if release_input else input_bytes  # the input after resampling
     phases = {

@@ -80,8 +80,7 @@ def read_input(source, affine, in_channels: int, on_device: bool = False, series
     on the CPU where float32 holds its values exactly: :func:`host_image`), checked to have ``in_channels``
     channels and (on the CPU) finite values, and the :class:`segrt.dicomio.DicomImage` it came from (None unless
     the input is DICOM); it holds nothing of an engine (``Segmentation`` keeps it to read a released input
-    again). Paths: NIfTI by the fast
-    readers (read_nifti; kept as stored where exact, see host_image), NRRD and DICOM (a folder, .dcm files) by
+    again). Paths: NIfTI by the fast readers (:func:`read_nifti`), NRRD and DICOM (a folder, .dcm files) by
     :func:`segrt.imageio.load_image`; ``series`` picks a DICOM series."""
     checked = False  # RawImage.to_volume (load_nifti) has checked for non-finite voxels already
     dicom = None
@@ -259,7 +258,7 @@ class Engine:
 
         ``keep_input``: whether the input image read from a file stays in memory for the whole run. None (default):
         kept, except under a memory budget (``max_memory``), where the CPU engine drops its copy once resampled
-        (the stitcher's phase, the largest, then runs without it; ``segrt run --stats/--preview`` keep it).
+        (the stitcher's phase, the largest, then runs without it; ``segrt run --stats/--preview`` read it again).
         :meth:`Segmentation.statistics` and :meth:`Segmentation.write_preview` read a dropped input again from its
         file. Arrays, Volumes and RawImages passed in are never dropped (the caller holds them).
         """
